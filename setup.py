@@ -1,0 +1,31 @@
+"""megatron_protein: protein language models and protein folding on one Megatron-style parallel core."""
+from setuptools import find_packages, setup
+
+# torch is pinned to the build this project is tested with. The same pin serves CUDA builds of 2.13.0.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "numpy>=1.24",
+    "sentencepiece>=0.2",
+    "tensorboard>=2.14",
+    "tqdm>=4.66",
+    "lmdb>=1.4",
+    "scipy>=1.11",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    # Triton runs the fused kernels on CUDA; on CPU its interpreter (TRITON_INTERPRET=1) checks them.
+    "kernels": ["triton==3.9.0"],
+    # Peers for benchmarks and the Hugging Face export of the converter.
+    "hf": ["transformers>=4.40", "fair-esm>=2.0"],
+}
+
+setup(
+    name="megatron_protein",
+    version="0.1.0",
+    description="Protein BERT pretraining (Pfam), TAPE finetuning and Evoformer folding on one Megatron-style parallel core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_protein", "megatron_protein.*", "tape_tasks", "tape_tasks.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
