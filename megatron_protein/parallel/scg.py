@@ -83,6 +83,10 @@ class ParallelGroups:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def __deepcopy__(self, memo):
+        # Process groups cannot be copied and need not be: a deep copy of a model (an EMA copy, say) shares them.
+        return self
+
     def describe(self) -> str:
         parts = ", ".join(f"{a}={self.degrees[a]}(rank {self.rank_in(a)})" for a in self.axes)
         return f"rank {self.rank}/{self.world_size} on {self.device} [{parts}]"
