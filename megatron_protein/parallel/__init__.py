@@ -1,4 +1,5 @@
-"""The shared parallel core: one process-group builder (scg), autograd-aware collectives, tensor-parallel layers.
+"""The shared parallel core: one process-group builder (scg), autograd-aware collectives, tensor-parallel layers,
+pipeline schedules (pipeline), data parallelism over flat buffers (dp, fused_params).
 
 Model code imports from here (or from the submodules) and never calls ``torch.distributed`` itself::
 
@@ -6,7 +7,7 @@ Model code imports from here (or from the submodules) and never calls ``torch.di
     pg = scg.init_process_group([("dp", None), ("tp", 2)])
     layer = tensor_parallel.ColumnParallelLinear(1024, 4096, gather_output=False, groups=pg)
 """
-from . import collectives, random, scg, tensor_parallel
+from . import collectives, dp, fused_params, pipeline, random, scg, tensor_parallel
 from .collectives import (AsyncHandle, CollectiveShapeError, all_gather, all_reduce_async, all_to_all,
                           all_to_all_async, broadcast, copy_to_group, gather_from_group, gather_from_group_async,
                           reduce_from_group,
@@ -17,7 +18,7 @@ from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabPara
                               vocab_parallel_cross_entropy, vocab_parallel_logits)
 
 __all__ = [
-    "scg", "collectives", "tensor_parallel", "random",
+    "scg", "collectives", "tensor_parallel", "random", "pipeline", "dp", "fused_params",
     "init_process_group", "current", "ParallelGroups", "ParallelConfigError",
     "copy_to_group", "reduce_from_group", "reduce_from_group_", "scatter_to_group", "gather_from_group",
     "reduce_scatter_to_group",

@@ -1,0 +1,297 @@
+"""Gradient sync on flat buffers vs per-tensor all-reduce, and GPipe vs 1F1B, each beside its baseline in one run.
+
+``dp`` (every rank of a dp group of ``--world-size``): the parameter list of a BERT encoder (``--layers`` pre-LN
+layers of width ``--hidden``, 16 tensors per layer) with random gradients, averaged over the group by
+
+* ``per_tensor``: one blocking ``all_reduce`` per gradient tensor (what a naive loop does; the baseline),
+* ``per_tensor_async``: one async ``all_reduce`` per tensor, all started before any is waited on,
+* ``fused``: :class:`DataParallel.sync_gradients` on the flat buffers of ``fused_params`` (``--bucket-mb`` buckets).
+
+``dp_overlap``: a whole training step of that encoder (2 accumulated micro-batches) with the bucketed all-reduce
+after the backward pass (baseline) and started from gradient hooks during it (``overlap_grad_reduce=True``).
+
+``pp`` (pp = ``--world-size``): the same kind of stack, split with ``stage_layer_range``, one training step over
+``--micro-batches`` micro-batches with GPipe and with 1F1B. Reports the step time and the activation memory each
+stage held at its peak (``max_in_flight`` micro-batches x the stage's saved-activation bytes per micro-batch,
+measured with ``torch.autograd.graph.saved_tensors_hooks``). The single-process baseline runs the unsplit stack over
+the same micro-batches on rank 0 before the pipeline runs (on this 2-core CPU the pipeline cannot be faster: the
+point of the row is memory, and that the schedule adds little time).
+
+Every timed repetition runs the cases back to back after a barrier, so a busy machine slows them alike; the JSON
+gives medians. Run::
+
+    python bench/pp_dp.py                         # spawns 2 local processes
+    python bench/pp_dp.py --world-size 4 --reps 5
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_protein.parallel import scg
+from megatron_protein.parallel.dp import DataParallel
+from megatron_protein.parallel.pipeline import run_pipeline, stage_layer_range
+
+
+class Layer(nn.Module):
+    """A pre-LN transformer layer's parameter layout (16 tensors) with an MLP-only compute path."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(hidden)
+        self.query_key_value = nn.Linear(hidden, 3 * hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        self.post_attention_layernorm = nn.LayerNorm(hidden)
+        self.dense_h_to_4h = nn.Linear(hidden, 4 * hidden)
+        self.dense_4h_to_h = nn.Linear(4 * hidden, hidden)
+        self.extra = nn.ParameterList([nn.Parameter(torch.zeros(hidden)) for _ in range(4)])
+
+    def forward(self, x):
+        q, _, v = self.query_key_value(self.input_layernorm(x)).chunk(3, dim=-1)
+        x = x + self.dense(torch.tanh(q) * v)
+        return x + self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(self.post_attention_layernorm(x))))
+
+
+def _timed(fn) -> float:
+    if dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _log(pg, message):
+    if pg.rank == 0:
+        print(f"[bench pp_dp] {message}", file=sys.stderr, flush=True)
+
+
+def bench_dp(args, pg) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Layer(args.hidden) for _ in range(args.layers)])
+    params = list(model.parameters())
+    ddp = DataParallel(model, groups=pg, bucket_numel=int(args.bucket_mb * 2 ** 20) // 4)
+    group, world = pg.group("dp"), pg.size("dp")
+    grads = [torch.randn_like(p) for p in params]
+
+    def per_tensor():
+        for g in grads:
+            g.div_(world)
+            dist.all_reduce(g, group=group)
+
+    def per_tensor_async():
+        handles = []
+        for g in grads:
+            g.div_(world)
+            handles.append(dist.all_reduce(g, group=group, async_op=True))
+        for h in handles:
+            h.wait()
+
+    def fused():
+        ddp.sync_gradients()
+
+    cases = {"per_tensor": per_tensor, "per_tensor_async": per_tensor_async, "fused": fused}
+    times = {name: [] for name in cases}
+    for rep in range(args.warmup + args.reps):
+        if rep % 5 == 0:
+            _log(pg, f"dp: repetition {rep}/{args.warmup + args.reps}")
+        for name, fn in cases.items():
+            t = _timed(fn)
+            if rep >= args.warmup:
+                times[name].append(t)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    ddp.remove_hooks()
+    return {"num_tensors": len(params), "num_params": sum(p.numel() for p in params),
+            "grad_mb": round(sum(p.numel() for p in params) * 4 / 2 ** 20, 2),
+            "num_buckets": len(ddp.fused.buckets),
+            **{f"{name}_ms_median": round(v, 2) for name, v in ms.items()},
+            "speedup_fused_vs_per_tensor": round(ms["per_tensor"] / ms["fused"], 2),
+            "speedup_fused_vs_per_tensor_async": round(ms["per_tensor_async"] / ms["fused"], 2)}
+
+
+def bench_dp_overlap(args, pg) -> dict:
+    """A whole step (forward, backward of 2 accumulated micro-batches, sync) with the all-reduce after backward
+    (baseline) and overlapped with the last backward through gradient hooks."""
+    g = torch.Generator().manual_seed(2)
+    shape = (args.micro_batch_size, args.seq_length, args.hidden)
+    micro_batches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(2)]
+    replicas = {}
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[Layer(args.hidden) for _ in range(args.layers)])
+        replicas[overlap] = (model, DataParallel(model, groups=pg, bucket_numel=int(args.bucket_mb * 2 ** 20) // 4,
+                                                 overlap_grad_reduce=overlap))
+
+    def step(overlap):
+        model, ddp = replicas[overlap]
+        ddp.zero_grad()
+        for i, (x, y) in enumerate(micro_batches):
+            context = ddp.no_sync() if i == 0 else contextlib.nullcontext()
+            with context:
+                F.mse_loss(model(x), y).backward()
+        ddp.sync_gradients()
+
+    times = {False: [], True: []}
+    for rep in range(args.warmup + args.reps):
+        for overlap in (False, True):
+            t = _timed(lambda: step(overlap))
+            if rep >= args.warmup:
+                times[overlap].append(t)
+    _log(pg, "dp overlap done")
+    grads_equal = all(torch.equal(a.grad, b.grad) for a, b in zip(replicas[False][0].parameters(),
+                                                                  replicas[True][0].parameters()))
+    after, overlapped = (1e3 * statistics.median(times[k]) for k in (False, True))
+    return {"step_ms_median_sync_after_backward": round(after, 1), "step_ms_median_overlapped": round(overlapped, 1),
+            "speedup": round(after / overlapped, 3), "same_gradients": grads_equal}
+
+
+class Stack(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, stage_input, mb):
+        h = mb["x"] if stage_input is None else stage_input
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def _loss(output, mb):
+    return F.mse_loss(output, mb["y"])
+
+
+def _saved_bytes(stage, stage_input, mb) -> int:
+    """Bytes autograd saves for backward in one micro-batch's forward through ``stage`` (plus the loss)."""
+    total = 0
+    parameters = {p.data_ptr() for p in stage.parameters()}
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in parameters:  # weights are saved too, but they are not activation memory
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stage(stage_input, mb)
+        _loss(out, mb)
+    return total
+
+
+def bench_pp(args, pg) -> dict:
+    pp, rank = pg.size("pp"), pg.rank_in("pp")
+    torch.manual_seed(0)
+    all_layers = [Layer(args.hidden) for _ in range(args.layers)]
+    g = torch.Generator().manual_seed(1)
+    shape = (args.micro_batch_size, args.seq_length, args.hidden)
+    micro_batches = [{"x": torch.randn(shape, generator=g), "y": torch.randn(shape, generator=g)}
+                     for _ in range(args.micro_batches)]
+    stage = Stack([all_layers[i] for i in stage_layer_range(args.layers, pp, rank)])
+    stage_input = None if rank == 0 else torch.randn(shape, requires_grad=True)
+    per_micro_batch = _saved_bytes(stage, stage_input, micro_batches[0])
+
+    result = {"micro_batches": args.micro_batches, "activation_shape": list(shape), "pp": pp}
+    if rank == 0:
+        full = Stack(all_layers)
+        full_bytes = _saved_bytes(full, None, micro_batches[0])
+
+        def single_process():
+            for mb in micro_batches:
+                (_loss(full(None, mb), mb) / len(micro_batches)).backward()
+
+        single_process()
+        times = [_timed_local(single_process) for _ in range(args.reps)]
+        result["baseline_single_process"] = {
+            "step_ms_median": round(1e3 * statistics.median(times), 1),
+            # Plain gradient accumulation frees each micro-batch's graph after its backward.
+            "peak_saved_activation_mb": round(full_bytes / 2 ** 20, 2)}
+    dist.barrier()
+    for schedule in ("gpipe", "1f1b"):
+        stats = {}
+        times = []
+        for rep in range(args.warmup + args.reps):
+            t = _timed(lambda: run_pipeline(stage, micro_batches, _loss, shape, schedule=schedule, groups=pg,
+                                            stats=stats))
+            if rep >= args.warmup:
+                times.append(t)
+        _log(pg, f"pp: {schedule} done")
+        peaks = [None] * pp
+        dist.all_gather_object(peaks, {"max_in_flight": stats["max_in_flight"],
+                                       "peak_saved_activation_mb": round(
+                                           stats["max_in_flight"] * per_micro_batch / 2 ** 20, 2)},
+                               group=pg.group("pp"))
+        result[schedule] = {"step_ms_median": round(1e3 * statistics.median(times), 1), "per_stage": peaks}
+    return result
+
+
+def _timed_local(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _bench(args) -> dict:
+    torch.set_num_threads(1)
+    out = {"benchmark": "pp_dp", "world_size": None, "torch": torch.__version__, "layers": args.layers,
+           "hidden": args.hidden, "reps": args.reps}
+    pg = scg.init_process_group([("dp", None)])
+    out["world_size"] = pg.world_size
+    out["backend"] = pg.backend
+    out["dp"] = bench_dp(args, pg)
+    out["dp_overlap"] = bench_dp_overlap(args, pg)
+    pg = scg.init_process_group([("pp", None)])
+    out["pp"] = bench_pp(args, pg)
+    return out
+
+
+def _spawned(rank, world, port, args, queue):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    try:
+        result = _bench(args)
+        if rank == 0:
+            queue.put(result)
+    finally:
+        scg.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=8)
+    parser.add_argument("--bucket-mb", type=float, default=4.0, help="DP bucket size in MiB (float32)")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--world-size", type=int, default=2, help="processes to spawn when not under torchrun")
+    args = parser.parse_args(argv)
+    if "RANK" in os.environ:  # under torchrun
+        result = _bench(args)
+        if int(os.environ["RANK"]) == 0:
+            print(json.dumps(result))
+        scg.destroy_process_group()
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_spawned, args=(args.world_size, port, args, queue), nprocs=args.world_size,
+                       start_method="spawn")
+    print(json.dumps(queue.get()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Data parallelism over the ``dp`` axis: bucketed gradient all-reduce on flat buffers, parameter broadcast.
+
+Every dp rank holds a full replica of its model shard (its tp/pp/dap slice) and sees a different part of the global
+batch. After the backward passes of all of its micro-batches, a rank's ``.grad`` holds the gradient of its local
+mean loss; :meth:`DataParallel.sync_gradients` averages the gradients over the dp group, so every replica ends with
+the gradient of the mean loss over the global batch and takes the same optimizer step.
+
+Usage (engineer F's pretraining loop, engineer G's folding loop)::
+
+    pg = scg.init_process_group([('dp', None), ('pp', 2), ('tp', 2)])
+    model = build_stage(...)                       # this rank's shard of the model
+    ddp = DataParallel(model, groups=pg)           # packs params/grads into flat buffers (fused_params)
+    ddp.broadcast_parameters()                     # replicas start equal (from dp rank 0)
+    optimizer = torch.optim.AdamW(model.parameters(), ...)
+    for batch in loader:
+        ddp.zero_grad()
+        loss = run_pipeline(...)                   # or: for mb in micro_batches: loss_fn(model(mb)).backward()
+        ddp.sync_gradients()                       # one bucketed all-reduce, after the whole accumulation
+        optimizer.step()
+
+Why not ``torch.nn.parallel.DistributedDataParallel``: DDP syncs inside ``backward()`` and must be told, through
+``no_sync()``, which of the pipeline schedule's backward calls is the last; it assumes it owns every parameter of the
+wrapped module, while here the tied word embeddings are also reduced over the pipeline ends and the folding model
+reduces some gradients over ``bp`` and ``dap`` before ``dp``. Syncing explicitly, once, after the accumulation keeps
+the order of these reductions in one place (``grad_sync``: bp, then dap, then dp) and works the same for every
+schedule. The all-reduce works on the flat buffers of :mod:`~megatron_protein.parallel.fused_params` (one
+collective per bucket, not per tensor). ``overlap_grad_reduce=True`` additionally starts a bucket's all-reduce from
+gradient hooks as soon as the last backward pass has produced all of that bucket's gradients, as Megatron-LM's and
+PyTorch's DDP do; wrap every backward but the last in :meth:`DataParallel.no_sync` (``run_pipeline`` takes it as
+``no_sync=ddp.no_sync``).
+
+Averaging: gloo has no ``ReduceOp.AVG``, so each bucket is divided by the dp size and then summed (dividing first
+also keeps low-precision gradients in range, as Megatron-LM does).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_protein.parallel import scg
+from megatron_protein.parallel.fused_params import DEFAULT_BUCKET_NUMEL, Bucket, FusedParameters
+
+
+def all_reduce_buckets(buckets: list[Bucket], group, group_size: int, average: bool = True) -> None:
+    """All-reduce (sum, or mean when ``average``) the gradient of every bucket over ``group``, one collective each.
+
+    All collectives are started before any is waited on, so gloo/NCCL can pipeline them. ``group=None`` (degree 1)
+    does nothing. Buckets must be given in the same order on every rank of the group.
+    """
+    if group is None or group_size == 1:
+        return
+    handles = []
+    for bucket in buckets:
+        if average:
+            bucket.grad.div_(group_size)
+        handles.append(dist.all_reduce(bucket.grad, group=group, async_op=True))
+    for handle in handles:
+        handle.wait()
+
+
+def broadcast_buckets(buckets: list[Bucket], src: int, group) -> None:
+    """Broadcast the parameter values of every bucket from global rank ``src`` over ``group`` (None: nothing)."""
+    if group is None:
+        return
+    handles = [dist.broadcast(bucket.data, src=src, group=group, async_op=True) for bucket in buckets]
+    for handle in handles:
+        handle.wait()
+
+
+class DataParallel:
+    """Gradient averaging and parameter broadcast over one axis (default ``'dp'``) of ``groups``.
+
+    Args:
+        module: the model shard this rank trains. Its trainable parameters are packed into flat buffers (their
+            ``.data`` and ``.grad`` become views; build the optimizer before or after, either works).
+        groups: the :class:`~megatron_protein.parallel.scg.ParallelGroups` (None: ``scg.current()``).
+        axis: the axis to average over; ``'dp'`` for data parallelism.
+        bucket_numel: maximal elements per all-reduce bucket.
+        overlap_grad_reduce: start each bucket's all-reduce from gradient hooks during the last backward pass.
+        fused: reuse existing flat buffers instead of packing ``module`` again (e.g. shared with a DAP sync).
+    """
+
+    def __init__(self, module: nn.Module, groups: Optional[scg.ParallelGroups] = None, axis: str = "dp",
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL, overlap_grad_reduce: bool = False,
+                 fused: Optional[FusedParameters] = None):
+        self.module = module
+        self.groups = groups if groups is not None else scg.current()
+        self.axis = axis
+        self.group = self.groups.group(axis)
+        self.size = self.groups.size(axis)
+        self.fused = fused if fused is not None else FusedParameters(module, bucket_numel=bucket_numel)
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self._sync_enabled = True
+        self._hooks = []
+        self._pending: list = []           # (bucket, work) launched by hooks, in launch order
+        self._next_bucket = 0              # buckets are launched strictly in self.fused.buckets order
+        self._ready: dict[int, set] = {}   # bucket position -> ids of params whose grad is complete
+        if overlap_grad_reduce and self.group is not None:
+            self._install_hooks()
+
+    # ---------------------------------------------------------------- parameters
+    def broadcast_parameters(self) -> None:
+        """Make every replica equal to dp rank 0's parameters and buffers (call once, before training)."""
+        if self.group is None:
+            return
+        src = self.groups.ranks(self.axis)[0]
+        broadcast_buckets(self.fused.buckets, src, self.group)
+        for buf in self.module.buffers():
+            dist.broadcast(buf.data, src=src, group=self.group)
+
+    # ---------------------------------------------------------------- gradients
+    def zero_grad(self) -> None:
+        """Zero the flat gradient buffers (keeps ``.grad`` as views; use instead of ``optimizer.zero_grad()``)."""
+        self.fused.zero_grad()
+        self._reset_overlap_state()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally without starting any all-reduce (all micro-batches but the
+        last). Without ``overlap_grad_reduce`` nothing starts during backward anyway; the context is then free."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def sync_gradients(self) -> None:
+        """Average every gradient over the dp group (waits for all of it to finish).
+
+        Gradients that an optimizer's ``zero_grad()`` detached from the flat buffer are put back first (by the hooks
+        or here), so the result is right whatever cleared them. With ``overlap_grad_reduce`` the buckets already
+        started by hooks are only waited on; the others (e.g. holding unused parameters) are started now, in order.
+        """
+        if self.group is None:
+            return
+        self.fused.reattach_grads()
+        if self.overlap_grad_reduce:
+            self._launch_ready_buckets(force=True)
+            for _, work in self._pending:
+                work.wait()
+        else:
+            all_reduce_buckets(self.fused.buckets, self.group, self.size, average=True)
+        self._reset_overlap_state()
+
+    # ---------------------------------------------------------------- overlap
+    def _install_hooks(self) -> None:
+        position_of = {}
+        for pos, bucket in enumerate(self.fused.buckets):
+            for p in bucket.params:
+                position_of[id(p)] = pos
+        for buf in self.fused.buffers:
+            for i, p in enumerate(buf.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(
+                    lambda param, pos=position_of[id(p)], view=buf.grad_view(i): self._on_grad_ready(param, pos, view)))
+
+    def _on_grad_ready(self, param: nn.Parameter, pos: int, view: torch.Tensor) -> None:
+        if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
+            # Something (optimizer.zero_grad() with set_to_none) detached .grad: move it back into the buffer.
+            view.copy_(param.grad)
+            param.grad = view
+        if not self._sync_enabled:
+            return
+        if pos < self._next_bucket:
+            raise RuntimeError(
+                "DataParallel(overlap_grad_reduce=True): a gradient was accumulated into a bucket whose all-reduce "
+                "had already started; run every backward pass but the last of a step inside ddp.no_sync() "
+                "(run_pipeline(..., no_sync=ddp.no_sync) does this), and call ddp.sync_gradients() once per step")
+        self._ready.setdefault(pos, set()).add(id(param))
+        self._launch_ready_buckets(force=False)
+
+    def _launch_ready_buckets(self, force: bool) -> None:
+        buckets = self.fused.buckets
+        while self._next_bucket < len(buckets):
+            bucket = buckets[self._next_bucket]
+            if not force and len(self._ready.get(self._next_bucket, ())) < len(bucket.params):
+                return
+            bucket.grad.div_(self.size)
+            self._pending.append((bucket, dist.all_reduce(bucket.grad, group=self.group, async_op=True)))
+            self._next_bucket += 1
+
+    def _reset_overlap_state(self) -> None:
+        for _, work in self._pending:
+            work.wait()
+        self._pending, self._next_bucket, self._ready = [], 0, {}
+
+    @property
+    def buckets_started(self) -> int:
+        """How many buckets' all-reduces the hooks have started since the last sync (for tests and logging)."""
+        return len(self._pending)
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def param_sync(module: nn.Module, groups: Optional[scg.ParallelGroups] = None, axis: str = "dp") -> None:
+    """Broadcast ``module``'s parameters and buffers from the first rank of ``axis`` (no flat buffers needed)."""
+    groups = groups if groups is not None else scg.current()
+    group = groups.group(axis)
+    if group is None:
+        return
+    src = groups.ranks(axis)[0]
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=src, group=group)
+
+
+def grad_sync(fused: FusedParameters, groups: Optional[scg.ParallelGroups] = None, axis: str = "dp",
+              average: bool = True) -> None:
+    """Average (or sum) the gradients of ``fused`` over ``axis``: the dp step of the folding model's grad_sync."""
+    groups = groups if groups is not None else scg.current()
+    fused.reattach_grads()
+    all_reduce_buckets(fused.buckets, groups.group(axis), groups.size(axis), average=average)
