@@ -1,8 +1,97 @@
 #!/usr/bin/env bash
-# Main job: protein BERT pretraining on the embedded Pfam sample. Replaced by the real job when pretraining lands.
+# Pretrain a protein BERT (masked LM) on Pfam with tensor, pipeline and data parallelism.
+#
+# With no arguments, on a fresh clone: sets up .venv, preprocesses the embedded Pfam sample (data/pfam/, 3,912
+# domains of 300 families) with whole families held out for validation and test, and pretrains a small BERT with
+# TP=2 on 2 local CPU processes (torchrun, gloo) in a few minutes. Checkpoints (Megatron layout) and TensorBoard
+# logs go under $OUTPUT_DIR; the script prints where.
+#
+# Everything is selected by environment variables; extra arguments are passed to pretrain_protein_bert.py
+# (Megatron-LM flags, they override the defaults below):
+#   INPUT=Pfam-A.fasta[.gz]|*.sto|TAPE lmdb/json   sequences to preprocess (default: data/pfam/pfam_sample.fasta)
+#   DATA_PREFIX=/data/pfam/pfam                     already preprocessed data (PREFIX_{train,valid,test} or PREFIX)
+#   SPLIT=0.9,0.05,0.05                             family fractions for --split-by-family when preprocessing
+#   MODEL=tiny|small|base                           size preset (default tiny; base = BERT-base, ProteinLM-like)
+#   TP=2 PP=1                                       tensor / pipeline degrees; dp = processes / (TP x PP)
+#   NPROC_PER_NODE=TP*PP NNODES=1 NODE_RANK=0 MASTER_ADDR MASTER_PORT=29500   torchrun layout (one node: a free port)
+#   TRAIN_ITERS MICRO_BATCH GLOBAL_BATCH SEQ_LENGTH LR                                   training overrides
+#   OUTPUT_DIR=runs/pfam_$MODEL                     checkpoints in $OUTPUT_DIR/checkpoints, logs in .../tensorboard
+#   WORKERS=2                                       preprocessing processes
+# Examples:
+#   bash scripts/pretrain_pfam.sh                                         # the default CPU run
+#   MODEL=small TRAIN_ITERS=5000 bash scripts/pretrain_pfam.sh --bf16     # longer, bf16 autocast
+#   INPUT=/data/Pfam-A.fasta MODEL=base TP=4 PP=2 NPROC_PER_NODE=8 NNODES=4 NODE_RANK=$RANK \
+#     MASTER_ADDR=node0 bash scripts/pretrain_pfam.sh --bf16               # 32 GPUs: tp 4 x pp 2 x dp 4, NCCL
+# See scripts/pretrain_single_gpu.sh, scripts/pretrain_multinode.sh and docs/pretraining.md.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 bash scripts/setup_env.sh
-echo "pretrain_pfam.sh: pretraining has not landed yet. What exists now: the parallel core"
-echo "(megatron_protein/parallel/), checked by 'bash scripts/test.sh'."
+PYTHON="$REPO_ROOT/.venv/bin/python"
+
+MODEL="${MODEL:-tiny}"
+TP="${TP:-2}"
+PP="${PP:-1}"
+NPROC_PER_NODE="${NPROC_PER_NODE:-$((TP * PP))}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+# One node without an explicit address: torchrun --standalone picks a free local port.
+if [ "$NNODES" = "1" ] && [ -z "${MASTER_ADDR:-}" ]; then
+  RDZV=(--standalone)
+else
+  RDZV=(--master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+fi
+OUTPUT_DIR="${OUTPUT_DIR:-$REPO_ROOT/runs/pfam_$MODEL}"
+INPUT="${INPUT:-$REPO_ROOT/data/pfam/pfam_sample.fasta}"
+SPLIT="${SPLIT:-0.9,0.05,0.05}"
+WORKERS="${WORKERS:-2}"
+
+# Size presets: layers hidden heads seq micro-batch global-batch iterations lr warmup-fraction eval-interval.
+case "$MODEL" in
+  tiny)  P=(4 128 4 128 16 32 600 2e-3 0.1 200) ;;
+  small) P=(4 256 4 256 8 64 20000 1e-3 0.025 1000) ;;
+  base)  P=(12 768 12 512 8 1024 100000 2e-4 0.02 2000) ;;
+  *) echo "pretrain_pfam.sh: MODEL must be tiny, small or base, got '$MODEL'" >&2; exit 2 ;;
+esac
+LAYERS=${P[0]} HIDDEN=${P[1]} HEADS=${P[2]}
+SEQ_LENGTH="${SEQ_LENGTH:-${P[3]}}"
+MICRO_BATCH="${MICRO_BATCH:-${P[4]}}"
+GLOBAL_BATCH="${GLOBAL_BATCH:-${P[5]}}"
+TRAIN_ITERS="${TRAIN_ITERS:-${P[6]}}"
+LR="${LR:-${P[7]}}"
+WARMUP_FRACTION=${P[8]}
+EVAL_INTERVAL=$(( ${P[9]} < TRAIN_ITERS ? ${P[9]} : TRAIN_ITERS ))
+
+# 1. Data: preprocess once (the outputs are written atomically, so an existing prefix is complete).
+if [ -z "${DATA_PREFIX:-}" ]; then
+  DATA_PREFIX="$OUTPUT_DIR/data/$(basename "${INPUT%%.*}")"
+  if [ ! -f "${DATA_PREFIX}_train.idx" ]; then
+    echo "[pretrain_pfam] preprocessing $INPUT -> ${DATA_PREFIX}_{train,valid,test} (families held out: $SPLIT)"
+    mkdir -p "$(dirname "$DATA_PREFIX")"
+    "$PYTHON" -m megatron_protein.data.preprocess --input "$INPUT" --output-prefix "$DATA_PREFIX" \
+      --split-by-family "$SPLIT" --seed 1234 --workers "$WORKERS"
+  fi
+fi
+
+# 2. Pretraining. One thread per process on CPU (torchrun's default), so TP ranks do not fight over cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+echo "[pretrain_pfam] model $MODEL: $LAYERS layers, hidden $HIDDEN, $HEADS heads, seq $SEQ_LENGTH;" \
+     "TP=$TP PP=$PP on $NNODES node(s) x $NPROC_PER_NODE processes; $TRAIN_ITERS iterations"
+"$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+  "${RDZV[@]}" \
+  "$REPO_ROOT/pretrain/pretrain_protein_bert.py" \
+  --data-path "$DATA_PREFIX" \
+  --num-layers "$LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
+  --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" \
+  --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
+  --lr "$LR" --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION" --weight-decay 0.01 \
+  --clip-grad 1.0 --hidden-dropout 0.1 --attention-dropout 0.1 \
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+  --log-interval 50 --eval-interval "$EVAL_INTERVAL" --eval-iters 4 \
+  --save "$OUTPUT_DIR/checkpoints" --load "$OUTPUT_DIR/checkpoints" --save-interval "$EVAL_INTERVAL" \
+  --tensorboard-dir "$OUTPUT_DIR/tensorboard" --seed 1234 \
+  "$@"
+
+echo "[pretrain_pfam] checkpoints (Megatron layout): $OUTPUT_DIR/checkpoints"
+echo "[pretrain_pfam] TensorBoard: .venv/bin/tensorboard --logdir $OUTPUT_DIR/tensorboard"
+echo "[pretrain_pfam] convert for TAPE: bash scripts/megatron-tape-generator.sh $OUTPUT_DIR/checkpoints"

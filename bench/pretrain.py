@@ -1,0 +1,288 @@
+"""Training throughput, model-FLOP utilisation and peak memory of the protein BERT next to its peers.
+
+For each config (``small``: hidden 256, 4 layers, 4 heads, batch 8 x 256; ``base``: hidden 768, 12 layers, 12 heads,
+batch 4 x 512) the same training step (forward, masked-LM loss on 15% of positions, backward, AdamW step) is timed
+for, in this one process and on the same thread count:
+
+- ``megatron_protein``: our ProteinBertModel at TP=1 (the production code path of pretraining) with dropout 0.1
+  like BERT, and ``megatron_protein_nodropout`` with dropout 0 like ESM2 (which has none); fp32 and bf16 autocast;
+- Hugging Face ``transformers.BertForMaskedLM`` and ``EsmForMaskedLM`` (sdpa attention), and fair-esm's ``ESM2``,
+  randomly initialised at the same sizes (vocab 33 for ESM's alphabet, 30 + padding for ours, 30 for BERT).
+
+Model FLOPs per step follow Narayanan et al. 2021 (Megatron-LM, appendix), without recompute:
+``72 B s L h^2 (1 + s / (6 h)) + 6 B s h V`` for B sequences of s tokens, L layers, hidden h, vocabulary V.
+MFU divides the achieved model FLOP/s by this machine's measured fp32 matmul rate (``torch.mm`` of 2048 x 2048
+on the same threads), the fair ceiling for a CPU. Throughput is timed in this one process, all models built side
+by side and stepped in rotating rounds (a load change on a shared machine hits all alike); tokens/s is from the
+best step of each, the median is reported too.
+Peak memory cannot be attributed inside one process (freed CPU memory stays resident), so each model's peak is
+measured in a fresh child process: the peak resident set size during its training steps above the level before
+the model was built, sampled every 2 ms.
+
+    python bench/pretrain.py [--configs small base] [--steps 5] [--threads 2] [--peers bert esm esm2]
+
+Prints one JSON object (also written to --output when given).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = {
+    "small": dict(hidden=256, layers=4, heads=4, batch=8, seq=256),
+    "base": dict(hidden=768, layers=12, heads=12, batch=4, seq=512),
+}
+
+
+class PeakRSS:
+    """Peak resident set size (bytes) while the block runs, sampled by a thread from /proc/self/statm."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        gc.collect()
+        self.base = self.rss()
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_above_base(self) -> int:
+        return self.peak - self.base
+
+
+def matmul_flops_per_second(threads: int, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def model_flops_per_step(cfg: dict, vocab: int) -> float:
+    b, s, h, layers = cfg["batch"], cfg["seq"], cfg["hidden"], cfg["layers"]
+    return 72 * b * s * layers * h * h * (1 + s / (6 * h)) + 6 * b * s * h * vocab
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def build_ours(cfg: dict, dropout: float = 0.1):
+    from megatron_protein.models.bert import BertConfig, ProteinBertModel, masked_lm_loss
+    from megatron_protein.parallel import scg
+    from megatron_protein.parallel.tensor_parallel import model_parallel_seed
+    from megatron_protein.training.optimizer import OptimConfig, build_optimizer
+
+    groups = scg.init_process_group([("dp", None), ("pp", 1), ("tp", 1)])
+    model_parallel_seed(1234, groups)
+    config = BertConfig(num_layers=cfg["layers"], hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
+                        max_position_embeddings=cfg["seq"], hidden_dropout=dropout, attention_dropout=dropout)
+    model = ProteinBertModel(config, groups)
+    model.build_optimizer = lambda: build_optimizer(model, OptimConfig(lr=1e-4))  # the pretraining optimizer
+
+    def loss_fn(tokens, labels):
+        logits = model(tokens, None)
+        loss, _ = masked_lm_loss(logits, labels, (labels != -100).float(), groups)
+        return loss
+    return model, loss_fn, config.padded_vocab_size(1)
+
+
+def build_hf_bert(cfg: dict):
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=30, hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                        num_attention_heads=cfg["heads"], intermediate_size=4 * cfg["hidden"],
+                        max_position_embeddings=cfg["seq"], hidden_act="gelu", attn_implementation="sdpa")
+    model = BertForMaskedLM(config)
+
+    def loss_fn(tokens, labels):
+        return model(input_ids=tokens, labels=labels).loss
+    return model, loss_fn, 30
+
+
+def build_hf_esm(cfg: dict):
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    config = EsmConfig(vocab_size=33, hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                       num_attention_heads=cfg["heads"], intermediate_size=4 * cfg["hidden"],
+                       max_position_embeddings=cfg["seq"] + 2, position_embedding_type="rotary",
+                       pad_token_id=1, mask_token_id=32, token_dropout=False, attn_implementation="sdpa")
+    model = EsmForMaskedLM(config)
+
+    def loss_fn(tokens, labels):
+        return model(input_ids=tokens, labels=labels).loss
+    return model, loss_fn, 33
+
+
+def build_fair_esm2(cfg: dict):
+    import esm
+
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    model = esm.model.esm2.ESM2(num_layers=cfg["layers"], embed_dim=cfg["hidden"], attention_heads=cfg["heads"],
+                                alphabet=alphabet, token_dropout=False)
+
+    def loss_fn(tokens, labels):
+        logits = model(tokens)["logits"]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return model, loss_fn, len(alphabet)
+
+
+def build_ours_without_dropout(cfg: dict):
+    """Ours with dropout 0, like fair-esm's ESM2 (which has no dropout at all): the like-for-like comparison."""
+    return build_ours(cfg, dropout=0.0)
+
+
+BUILDERS = {"megatron_protein": build_ours, "megatron_protein_nodropout": build_ours_without_dropout, "bert": build_hf_bert, "esm": build_hf_esm, "esm2": build_fair_esm2}
+
+
+def prepare(name: str, cfg: dict, dtype: str) -> dict:
+    """Build ``name`` at ``cfg``'s size with its optimizer and a fixed MLM batch; return a one-step closure."""
+    torch.manual_seed(0)
+    model, loss_fn, vocab = BUILDERS[name](cfg)
+    model.train()
+    # Ours: the pretraining optimizer (no decay on biases/norms, fused AdamW); peers: torch's default AdamW, what
+    # their own training scripts build.
+    optimizer = (model.build_optimizer() if hasattr(model, "build_optimizer")
+                 else torch.optim.AdamW(model.parameters(), lr=1e-4))
+    g = torch.Generator().manual_seed(0)
+    # Residue ids valid in every vocabulary (5..24 are letters in IUPAC and in ESM's alphabet).
+    tokens = torch.randint(5, 25, (cfg["batch"], cfg["seq"]), generator=g)
+    labels = torch.where(torch.rand(tokens.shape, generator=g) < 0.15, tokens, torch.full_like(tokens, -100))
+
+    def step() -> tuple[float, float]:
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16"
+                    else torch.autocast("cpu", enabled=False))
+        start = time.perf_counter()
+        with autocast:
+            loss = loss_fn(tokens, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start, loss.item()
+
+    return {"model": model, "optimizer": optimizer, "step": step, "vocab": vocab,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def peak_memory_alone(name: str, cfg: dict, dtype: str, threads: int) -> float:
+    """MiB of resident memory above the pre-build level while building ``name`` and running two steps (run this in
+    a fresh process: freed CPU memory stays resident, so it cannot be attributed inside a shared one)."""
+    torch.set_num_threads(threads)
+    with PeakRSS() as memory:
+        prepared = prepare(name, cfg, dtype)
+        for _ in range(2):
+            prepared["step"]()
+    return memory.peak_above_base / 2 ** 20
+
+
+def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup: int) -> dict:
+    """Time every model in rounds, one step each per round in rotating order, so that a change in the machine's load
+    hits all of them alike; report the best and the median step time of each."""
+    prepared = {name: prepare(name, cfg, dtype) for name in names}
+    for name in names:
+        for _ in range(warmup):
+            prepared[name]["step"]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    losses: dict[str, float] = {}
+    for round_index in range(steps):
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in order:
+            seconds, losses[name] = prepared[name]["step"]()
+            times[name].append(seconds)
+    tokens_per_step = cfg["batch"] * cfg["seq"]
+    results = {}
+    for name in names:
+        best, median = min(times[name]), statistics.median(times[name])
+        flops = model_flops_per_step(cfg, prepared[name]["vocab"])
+        results[name] = {"tokens_per_s": tokens_per_step / best, "tokens_per_s_median": tokens_per_step / median,
+                         "seconds_per_step_best": best, "seconds_per_step_median": median,
+                         "model_tflops_per_s": flops / best / 1e12, "parameters": prepared[name]["parameters"],
+                         "last_loss": losses[name]}
+    del prepared
+    gc.collect()
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--peers", nargs="+", default=["bert", "esm", "esm2"], choices=["bert", "esm", "esm2"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every model each)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    peak = matmul_flops_per_second(args.threads)
+    report = {"benchmark": "pretrain", "torch": torch.__version__, "threads": args.threads,
+              "measured_fp32_matmul_tflops": peak / 1e12, "configs": {}}
+    from megatron_protein import kernels
+    names = ["megatron_protein", "megatron_protein_nodropout", *args.peers]
+    for config_name in args.configs:
+        cfg = CONFIGS[config_name]
+        entry = {"shape": cfg, "runs": {}}
+        for dtype in args.dtypes:
+            # The matmul rate is re-measured around every timing and the best kept, so that a loaded machine
+            # cannot make the ceiling look low (and MFU high).
+            peak = max(peak, matmul_flops_per_second(args.threads))
+            runs = time_interleaved(names, cfg, dtype, args.steps, args.warmup)
+            peak = max(peak, matmul_flops_per_second(args.threads))
+            report["measured_fp32_matmul_tflops"] = peak / 1e12
+            for name in names:
+                run = runs[name]
+                run["mfu_vs_measured_fp32_matmul"] = run["model_tflops_per_s"] * 1e12 / peak
+                run["measured_fp32_matmul_tflops"] = peak / 1e12
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    run["peak_memory_mib"] = pool.apply(peak_memory_alone, (name, cfg, dtype, args.threads))
+                entry["runs"][f"{name}/{dtype}"] = run
+                print(f"[bench/pretrain] {config_name} {name}/{dtype}: {run['tokens_per_s']:.0f} tokens/s "
+                      f"(median {run['tokens_per_s_median']:.0f}), MFU {run['mfu_vs_measured_fp32_matmul']:.1%}, "
+                      f"peak {run['peak_memory_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            peers = {p: runs[p]["tokens_per_s"] for p in args.peers}
+            if peers:
+                fastest = max(peers, key=peers.get)
+                entry[f"speedup_vs_fastest_peer_{dtype}"] = {
+                    "peer": fastest, "ratio": runs["megatron_protein"]["tokens_per_s"] / peers[fastest]}
+        report["configs"][config_name] = entry
+    report["kernel_fallbacks"] = kernels.dispatch.fallbacks()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()

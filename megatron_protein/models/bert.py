@@ -1,0 +1,405 @@
+"""The protein BERT: ProteinLM's pre-LN Megatron BERT, built from the parallel core's layers.
+
+Architecture (ProteinLM, Xiao et al. 2021, arXiv:2108.07435, following Megatron-LM, Shoeybi et al. 2019,
+arXiv:1909.08053; pre-LN as in Xiong et al. 2020, arXiv:2002.04745)::
+
+    x   = dropout(word_embeddings[tokens] + position_embeddings[position_ids])     (no token types, no embedding LN)
+    per layer:
+      h = x + dropout(attention_dense(self_attention(input_layernorm(x))))
+      x = h + dropout(dense_4h_to_h(gelu(dense_h_to_4h(post_attention_layernorm(h)))))
+    y   = final_layernorm(x)
+    MLM = (layernorm(gelu(dense(y)))) @ word_embeddings.T + bias                      (decoder tied to the embedding)
+
+GeLU is the exact erf form everywhere. Attention is softmax(QK^T / sqrt(d) + mask) V; the fused QKV projection's
+output rows are laid out per head as ``[num_heads, 3, head_dim]`` (Megatron checkpoint_version >= 2), so a
+column-parallel split of that projection hands each tensor-parallel rank whole heads, q, k and v together.
+
+Parallelism comes only from the core's layers (Megatron's Figure 3): the QKV and ``dense_h_to_4h`` projections are
+column parallel, the attention output and ``dense_4h_to_h`` projections are row parallel (one all-reduce each in
+forward and backward), the word embedding and the MLM decoder are split along the vocabulary. A pipeline stage is
+a :class:`ProteinBertModel` with ``pre_process`` (embedding) on the first stage, ``post_process`` (final LN and MLM
+head) on the last, and the layers of that stage numbered locally from 0, as Megatron stores them. With pp > 1 the
+last stage keeps its own copy of the word embedding (``word_embeddings_for_head``) whose gradient is summed with
+the first stage's every step (:meth:`ProteinBertModel.shared_embedding_weight`).
+
+``state_dict()`` yields Megatron's key names directly (``language_model.embedding.word_embeddings.weight``,
+``language_model.encoder.layers.0.self_attention.query_key_value.weight``, ``lm_head.bias``, ...), so checkpoints
+need no renaming and the converter reads ours and Megatron's/ProteinLM's alike.
+
+Weights are drawn per block (embedding, each global layer, head) from a generator seeded with
+``init_seed + block index`` inside :func:`torch.random.fork_rng`, and the core's layers keep their shard of the
+full weight, so a model built at any TP x PP layout holds exactly the slices of the single-process model.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from megatron_protein import kernels
+from megatron_protein.parallel import scg
+from megatron_protein.parallel import tensor_parallel as tp_layers
+from megatron_protein.parallel.pipeline import stage_layer_range
+
+#: TAPE IUPAC vocabulary size (<pad> <mask> <cls> <sep> <unk> A..Z without J).
+IUPAC_VOCAB_SIZE = 30
+
+
+@dataclass
+class BertConfig:
+    """Shape and behaviour of the protein BERT (Megatron argument names)."""
+
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    ffn_hidden_size: Optional[int] = None  # 4 * hidden_size when None
+    max_position_embeddings: int = 512
+    vocab_size: int = IUPAC_VOCAB_SIZE
+    make_vocab_size_divisible_by: int = 8
+    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    init_seed: int = 1234
+    # Kernel choices (Megatron's --no-*-fusion flags); made when the model is built, never per call.
+    masked_softmax_fusion: bool = True
+    bias_gelu_fusion: bool = True
+    bias_dropout_fusion: bool = True
+    layernorm_fusion: bool = True
+    # Activation recompute of every transformer layer (Megatron's --checkpoint-activations / full recompute).
+    checkpoint_activations: bool = False
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        return tp_layers.pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp_size)
+
+    def check_parallel(self, tp_size: int, pp_size: int) -> None:
+        """Raise a clear error when the model cannot be split tp x pp ways."""
+        if self.num_attention_heads % tp_size:
+            raise ValueError(f"tensor-model-parallel size {tp_size} does not divide num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.ffn_hidden_size % tp_size:
+            raise ValueError(f"tensor-model-parallel size {tp_size} does not divide ffn_hidden_size "
+                             f"{self.ffn_hidden_size}")
+        if self.num_layers < pp_size:
+            raise ValueError(f"pipeline-model-parallel size {pp_size} exceeds num_layers {self.num_layers}: every "
+                             f"stage needs at least one layer")
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """N(0, std) initialiser (Megatron's init_method_normal)."""
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(tensor, mean=0.0, std=std)
+    return init_
+
+
+def scaled_normal_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """N(0, std / sqrt(2 num_layers)) for the two projections that write into the residual stream
+    (Megatron's scaled_init_method_normal, after GPT-2: each layer adds two residual branches)."""
+    return normal_init(std / math.sqrt(2.0 * num_layers))
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """Draw the weights made inside from ``torch.manual_seed(seed)`` and leave the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class BertEmbedding(nn.Module):
+    """word_embeddings[tokens] + position_embeddings[position_ids], then dropout. No token types, no LayerNorm."""
+
+    def __init__(self, config: BertConfig, groups: scg.ParallelGroups):
+        super().__init__()
+        init = normal_init(config.init_method_std)
+        self.word_embeddings = tp_layers.VocabParallelEmbedding(
+            config.padded_vocab_size(groups.size("tp")), config.hidden_size, init_method=init, groups=groups)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        init(self.position_embeddings.weight.data)
+        self.position_embeddings.weight.tensor_model_parallel = False
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.max_position_embeddings = config.max_position_embeddings
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # tokens, position_ids: [b, s] -> [b, s, h] (replicated across tp: the vocab-parallel lookup all-reduces)
+        if position_ids.numel() and int(position_ids.max()) >= self.max_position_embeddings:
+            raise ValueError(f"position id {int(position_ids.max())} exceeds max_position_embeddings "
+                             f"{self.max_position_embeddings}; raise --max-position-embeddings or shorten "
+                             f"--seq-length")
+        embeddings = self.word_embeddings(tokens) + self.position_embeddings(position_ids)
+        return self.embedding_dropout(embeddings)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused, column-parallel QKV projection and a row-parallel output.
+
+    Each tp rank holds ``num_heads / tp`` whole heads; the output projection's all-reduce sums their parts.
+    The dense bias is returned unadded so that bias-dropout-add can fuse it with the residual.
+    """
+
+    def __init__(self, config: BertConfig, groups: scg.ParallelGroups, output_init):
+        super().__init__()
+        tp = groups.size("tp")
+        self.head_dim = config.head_dim
+        self.local_heads = config.num_attention_heads // tp
+        init = normal_init(config.init_method_std)
+        self.query_key_value = tp_layers.ColumnParallelLinear(
+            config.hidden_size, 3 * config.hidden_size, gather_output=False, init_method=init, groups=groups)
+        self.core_attention = kernels.CoreAttention(self.head_dim, config.attention_dropout,
+                                                    fused=config.masked_softmax_fusion)
+        self.dense = tp_layers.RowParallelLinear(
+            config.hidden_size, config.hidden_size, input_is_parallel=True, init_method=output_init,
+            groups=groups, skip_bias_add=True)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
+        b, s, _ = x.shape
+        # [b, s, h] -> [b, s, heads/tp * 3 * d] -> [b, s, heads/tp, 3, d] (per-head q, k, v rows)
+        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, self.head_dim)
+        # each of q, k, v: [b, heads/tp, s, d]
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        # Attention dropout acts on a tensor split over tp: its mask must differ across tp ranks (and match
+        # across dp ranks), so it draws from the model-parallel RNG stream.
+        with tp_layers.get_rng_tracker().fork():
+            context = self.core_attention(q, k, v, mask)
+        # [b, heads/tp, s, d] -> [b, s, heads/tp * d]
+        context = context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+        return self.dense(context)
+
+
+class MLP(nn.Module):
+    """h -> 4h (column parallel) -> exact GeLU -> h (row parallel); the output bias is returned unadded."""
+
+    def __init__(self, config: BertConfig, groups: scg.ParallelGroups, output_init):
+        super().__init__()
+        init = normal_init(config.init_method_std)
+        self.dense_h_to_4h = tp_layers.ColumnParallelLinear(
+            config.hidden_size, config.ffn_hidden_size, gather_output=False, init_method=init, groups=groups,
+            skip_bias_add=True)
+        self.bias_gelu = kernels.BiasGeLU(fused=config.bias_gelu_fusion)
+        self.dense_4h_to_h = tp_layers.RowParallelLinear(
+            config.ffn_hidden_size, config.hidden_size, input_is_parallel=True, init_method=output_init,
+            groups=groups, skip_bias_add=True)
+
+    def forward(self, x: torch.Tensor):
+        intermediate, bias = self.dense_h_to_4h(x)
+        return self.dense_4h_to_h(self.bias_gelu(intermediate, bias))
+
+
+class TransformerLayer(nn.Module):
+    """One pre-LN layer: four sub-modules, two residual connections (ProteinLM / Megatron BERT)."""
+
+    def __init__(self, config: BertConfig, groups: scg.ParallelGroups):
+        super().__init__()
+        output_init = scaled_normal_init(config.init_method_std, config.num_layers)
+        eps, fused_ln = config.layernorm_epsilon, config.layernorm_fusion
+        self.input_layernorm = kernels.LayerNorm(config.hidden_size, eps=eps, fused=fused_ln)
+        self.self_attention = SelfAttention(config, groups, output_init)
+        self.post_attention_layernorm = kernels.LayerNorm(config.hidden_size, eps=eps, fused=fused_ln)
+        self.mlp = MLP(config, groups, output_init)
+        self.bias_dropout_add = kernels.BiasDropoutAdd(config.hidden_dropout, fused=config.bias_dropout_fusion)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # x: [b, s, h], replicated across tp
+        attention_out, attention_bias = self.self_attention(self.input_layernorm(x), mask)
+        h = self.bias_dropout_add(attention_out, attention_bias, x)
+        mlp_out, mlp_bias = self.mlp(self.post_attention_layernorm(h))
+        return self.bias_dropout_add(mlp_out, mlp_bias, h)
+
+
+class TransformerEncoder(nn.Module):
+    """The layers of one pipeline stage (indexed locally from 0) and, on the last stage, the final LayerNorm."""
+
+    def __init__(self, config: BertConfig, groups: scg.ParallelGroups, first_layer: int, num_local_layers: int,
+                 post_process: bool):
+        super().__init__()
+        self.first_layer = first_layer
+        layers = []
+        for local in range(num_local_layers):
+            with seeded_init(config.init_seed + 1 + first_layer + local):
+                layers.append(TransformerLayer(config, groups))
+        self.layers = nn.ModuleList(layers)
+        if post_process:
+            self.final_layernorm = kernels.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
+                                                     fused=config.layernorm_fusion)
+        else:
+            self.final_layernorm = None
+        self.checkpoint_activations = config.checkpoint_activations
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        for layer in self.layers:
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = recompute(layer, x, mask)
+            else:
+                x = layer(x, mask)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+
+def recompute(module: nn.Module, *args):
+    """Run ``module`` without keeping its activations; recompute them in backward (Chen et al. 2016,
+    arXiv:1604.06174; Megatron's full activation recompute). The default RNG is restored by
+    torch.utils.checkpoint; the model-parallel RNG tracker's streams are saved here and restored for the
+    recomputation, so dropout draws the same masks twice (Megatron's CheckpointFunction does the same)."""
+    tracker = tp_layers.get_rng_tracker()
+    saved = tracker.get_states()
+
+    @contextlib.contextmanager
+    def replay_tracker():
+        current = tracker.get_states()
+        tracker.set_states(saved)
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    return torch.utils.checkpoint.checkpoint(
+        module, *args, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), replay_tracker()))
+
+
+class LanguageModel(nn.Module):
+    """Embedding (first stage) and encoder; attribute names give Megatron's ``language_model.*`` keys."""
+
+    def __init__(self, config: BertConfig, groups: scg.ParallelGroups, pre_process: bool, post_process: bool,
+                 first_layer: int, num_local_layers: int):
+        super().__init__()
+        if pre_process:
+            with seeded_init(config.init_seed):
+                self.embedding = BertEmbedding(config, groups)
+        else:
+            self.embedding = None
+        self.encoder = TransformerEncoder(config, groups, first_layer, num_local_layers, post_process)
+
+
+class MLMHead(nn.Module):
+    """dense h -> h, exact GeLU, LayerNorm, then logits against the (tied) vocab-parallel word embedding + bias."""
+
+    def __init__(self, config: BertConfig, groups: scg.ParallelGroups):
+        super().__init__()
+        self.groups = groups
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        normal_init(config.init_method_std)(self.dense.weight.data)
+        nn.init.zeros_(self.dense.bias.data)
+        self.layernorm = kernels.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
+                                           fused=config.layernorm_fusion)
+        vocab_shard = config.padded_vocab_size(groups.size("tp")) // groups.size("tp")
+        # The output bias is split over tp along the vocabulary, like the decoder (tied embedding) rows.
+        self.bias = nn.Parameter(torch.zeros(vocab_shard))
+        self.bias.tensor_model_parallel = True
+        self.bias.partition_dim = 0
+        for p in (self.dense.weight, self.dense.bias):
+            p.tensor_model_parallel = False
+
+    def forward(self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor) -> torch.Tensor:
+        # hidden [b, s, h] -> logits shard [b, s, padded_vocab / tp]
+        hidden = self.layernorm(torch.nn.functional.gelu(self.dense(hidden)))
+        return tp_layers.vocab_parallel_logits(hidden, word_embeddings_weight, self.bias, groups=self.groups)
+
+
+class ProteinBertModel(nn.Module):
+    """One pipeline stage of the protein BERT (the whole model when pp == 1).
+
+    ``forward(tokens | hidden, attention_mask, position_ids)`` returns the hidden states [b, s, h] on every stage
+    but the last, and the vocab-parallel MLM logits shard [b, s, padded_vocab / tp] on the last.
+    ``attention_mask`` is boolean, True = masked out, broadcastable to [b, heads, s, s] (see
+    :func:`padding_attention_mask` and ``data.mlm_dataset.attention_mask_from_segments``).
+    """
+
+    def __init__(self, config: BertConfig, groups: Optional[scg.ParallelGroups] = None,
+                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
+        super().__init__()
+        groups = groups if groups is not None else scg.current()
+        tp, pp = groups.size("tp"), groups.size("pp")
+        config.check_parallel(tp, pp)
+        self.config = config
+        self.groups = groups
+        self.pre_process = groups.is_first("pp") if pre_process is None else pre_process
+        self.post_process = groups.is_last("pp") if post_process is None else post_process
+        layers = stage_layer_range(config.num_layers, pp, groups.rank_in("pp"))
+        self.first_layer = layers.start
+        self.language_model = LanguageModel(config, groups, self.pre_process, self.post_process,
+                                            layers.start, len(layers))
+        if self.post_process:
+            with seeded_init(config.init_seed + 1 + config.num_layers):
+                self.lm_head = MLMHead(config, groups)
+            if not self.pre_process:
+                # Last stage of a pipeline: its own copy of the word embedding for the tied decoder, drawn from
+                # the embedding's seed so it starts equal to the first stage's; gradients are summed over the
+                # 'pp_ends' group so the two copies stay equal (Megatron's word_embeddings_for_head).
+                with seeded_init(config.init_seed):
+                    head_embedding = tp_layers.VocabParallelEmbedding(
+                        config.padded_vocab_size(tp), config.hidden_size,
+                        init_method=normal_init(config.init_method_std), groups=groups)
+                self.word_embeddings_for_head = head_embedding
+                # Counted once in the global gradient norm: the first stage's copy is the one that counts.
+                self.word_embeddings_for_head.weight.shared = True
+        else:
+            self.lm_head = None
+
+    def shared_embedding_weight(self) -> Optional[torch.Tensor]:
+        """The word-embedding copy whose gradient must be summed across the pipeline ends (None when pp == 1
+        or on a middle stage)."""
+        if self.groups.size("pp") == 1:
+            return None
+        if self.pre_process:
+            return self.language_model.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.word_embeddings_for_head.weight
+        return None
+
+    def decoder_weight(self) -> torch.Tensor:
+        if self.pre_process:
+            return self.language_model.embedding.word_embeddings.weight
+        return self.word_embeddings_for_head.weight
+
+    def forward(self, input_: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pre_process:
+            tokens = input_
+            if position_ids is None:
+                position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+            hidden = self.language_model.embedding(tokens, position_ids)
+        else:
+            hidden = input_
+        hidden = self.language_model.encoder(hidden, attention_mask)
+        if not self.post_process:
+            return hidden
+        return self.lm_head(hidden, self.decoder_weight())
+
+
+def padding_attention_mask(padding_mask: torch.Tensor) -> torch.Tensor:
+    """[b, s] bool (True at real tokens) -> [b, 1, 1, s] bool, True where the key is padding (masked out)."""
+    return (~padding_mask.bool())[:, None, None, :]
+
+
+def masked_lm_loss(logits_shard: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                   groups: Optional[scg.ParallelGroups] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the positions chosen for prediction, from the vocab-parallel logits shard.
+
+    Returns (loss, number of predicted tokens). Labels are -100 where nothing is predicted (ignored through
+    ``loss_mask``). The logits are never gathered across tp (Megatron's vocab_parallel_cross_entropy).
+    """
+    per_token = tp_layers.vocab_parallel_cross_entropy(logits_shard, labels, groups=groups, ignore_index=-100)
+    loss_mask = loss_mask.float()
+    count = loss_mask.sum()
+    return (per_token * loss_mask).sum() / count.clamp(min=1.0), count

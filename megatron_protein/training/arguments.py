@@ -1,0 +1,270 @@
+"""Command-line flags (Megatron-LM's names) -> small config dataclasses grouped by concern.
+
+This module only parses and converts: :func:`parse_args` returns an ``argparse.Namespace`` with Megatron's
+attribute names (it is what checkpoints store as ``args``), and :func:`configs_from_args` turns it into a
+:class:`PretrainConfig` holding :class:`~megatron_protein.models.bert.BertConfig`, :class:`ParallelConfig`,
+:class:`~megatron_protein.training.optimizer.OptimConfig`, :class:`DataConfig`, :class:`CheckpointConfig`,
+:class:`LoggingConfig` and :class:`TrainConfig`, each checking its own constraints in ``__post_init__``. Flags that
+need the world size (the data-parallel degree, gradient-accumulation steps) are resolved in :func:`resolve_batch`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_protein.models.bert import IUPAC_VOCAB_SIZE, BertConfig
+from megatron_protein.training.optimizer import OptimConfig
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    overlap_grad_reduce: bool = False
+
+    def __post_init__(self):
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("tensor- and pipeline-model-parallel sizes must be >= 1")
+
+    def degrees(self) -> list[tuple[str, Optional[int]]]:
+        """The scg layout: dp outermost (inferred), then pp, then tp innermost (adjacent ranks share a node)."""
+        return [("dp", None), ("pp", self.pipeline_model_parallel_size), ("tp", self.tensor_model_parallel_size)]
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from. ``data_path`` is an indexed-dataset prefix: either the prefix given to
+    ``preprocess --split-by-family`` (``PREFIX_{train,valid,test}`` exist: families held out) or one dataset that
+    ``split`` cuts into train/valid/test by sequence index (Megatron's --split)."""
+
+    data_path: Optional[str] = None
+    train_data_path: Optional[str] = None
+    valid_data_path: Optional[str] = None
+    test_data_path: Optional[str] = None
+    split: str = "949,50,1"
+    seq_length: int = 512
+    mask_prob: float = 0.15
+    pack_sequences: bool = False
+    data_cache_path: Optional[str] = None
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.data_path is None and self.train_data_path is None:
+            raise ValueError("give --data-path PREFIX (or --train-data-path)")
+        weights = [float(x) for x in self.split.replace("/", ",").split(",")]
+        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"--split must be three non-negative weights like 949,50,1, got {self.split!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    no_save_optim: bool = False
+    no_save_rng: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False
+
+    def __post_init__(self):
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 100
+    tensorboard_dir: Optional[str] = None
+    eval_interval: int = 1000
+    eval_iters: int = 100
+
+    def __post_init__(self):
+        if self.log_interval < 1 or self.eval_interval < 1 or self.eval_iters < 0:
+            raise ValueError("--log-interval and --eval-interval must be >= 1, --eval-iters >= 0")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    global_batch_size: Optional[int] = None
+    train_iters: int = 1000
+    exit_interval: Optional[int] = None  # stop (after saving) once iteration % exit_interval == 0
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1 or self.train_iters < 1:
+            raise ValueError("--micro-batch-size and --train-iters must be >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    model: BertConfig
+    parallel: ParallelConfig
+    optim: OptimConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    train: TrainConfig
+    args: argparse.Namespace = field(repr=False, default_factory=argparse.Namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a protein BERT (masked language model) on Pfam with tensor, pipeline and data "
+                    "parallelism (Megatron-LM's flags).", allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=12)
+    g.add_argument("--hidden-size", type=int, default=768)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, default=12)
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=8)
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion")
+    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion")
+    g.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion")
+    g.add_argument("--no-layernorm-fusion", action="store_false", dest="layernorm_fusion",
+                   help="plain torch LayerNorm composition instead of the fused kernel")
+    g.add_argument("--checkpoint-activations", "--recompute-activations", action="store_true",
+                   dest="checkpoint_activations", help="recompute every layer's activations in backward")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=8)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch x data-parallel size (no accumulation)")
+    g.add_argument("--train-iters", type=int, default=1000)
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    g.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")
+    g.add_argument("--loss-scale", type=float, default=None, help="static loss scale (fp16); default dynamic")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", choices=["adam"], default="adam", help="AdamW (decoupled weight decay)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max global L2 norm; 0 disables")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None,
+                   help="indexed-dataset prefix; PREFIX_{train,valid,test} when preprocess split it by family")
+    g.add_argument("--train-data-path", default=None)
+    g.add_argument("--valid-data-path", default=None)
+    g.add_argument("--test-data-path", default=None)
+    g.add_argument("--split", default="949,50,1", help="train,valid,test weights when --data-path is one dataset")
+    g.add_argument("--mask-prob", type=float, default=0.15)
+    g.add_argument("--pack-sequences", action="store_true",
+                   help="pack several sequences per sample with a block-diagonal attention mask (ProteinLM)")
+    g.add_argument("--data-cache-path", default=None, help="where sample index maps are cached")
+    g.add_argument("--num-workers", type=int, default=0)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="start the data-parallel all-reduce of each bucket during the last backward pass")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load only the weights and start at iteration 0")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    args.vocab_size = IUPAC_VOCAB_SIZE
+    args.tokenizer_type = "IUPAC"
+    if args.seq_length > args.max_position_embeddings:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                         f"{args.max_position_embeddings}")
+    if args.lr_warmup_fraction is not None:
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    args.params_dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
+    args.consumed_train_samples = 0
+    args.consumed_valid_samples = 0
+    return args
+
+
+def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """Split the flat Megatron namespace into the per-concern configs."""
+    model = BertConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size, max_position_embeddings=args.max_position_embeddings,
+        vocab_size=args.vocab_size, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        layernorm_epsilon=args.layernorm_epsilon, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std, init_seed=args.seed,
+        masked_softmax_fusion=args.masked_softmax_fusion, bias_gelu_fusion=args.bias_gelu_fusion,
+        bias_dropout_fusion=args.bias_dropout_fusion, layernorm_fusion=args.layernorm_fusion,
+        checkpoint_activations=args.checkpoint_activations)
+    parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              args.overlap_grad_reduce)
+    model.check_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    decay_iters = args.lr_decay_iters or args.train_iters
+    warmup = (int(args.lr_warmup_fraction * decay_iters) if args.lr_warmup_fraction is not None
+              else args.lr_warmup_iters)
+    optim = OptimConfig(
+        lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style, lr_warmup_steps=warmup,
+        lr_decay_steps=decay_iters, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad, fp16=args.fp16,
+        bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
+    data = DataConfig(
+        data_path=args.data_path, train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
+        test_data_path=args.test_data_path, split=args.split, seq_length=args.seq_length,
+        mask_prob=args.mask_prob, pack_sequences=args.pack_sequences, data_cache_path=args.data_cache_path,
+        seed=args.seed)
+    checkpoint = CheckpointConfig(
+        save=args.save, load=args.load, save_interval=args.save_interval, no_save_optim=args.no_save_optim,
+        no_save_rng=args.no_save_rng, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+        finetune=args.finetune)
+    logging_config = LoggingConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+                                   eval_interval=args.eval_interval, eval_iters=args.eval_iters)
+    train = TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                        train_iters=args.train_iters, exit_interval=args.exit_interval)
+    return PretrainConfig(model=model, parallel=parallel, optim=optim, data=data, checkpoint=checkpoint,
+                          logging=logging_config, train=train, args=args)
+
+
+def resolve_batch(train: TrainConfig, dp_size: int) -> int:
+    """Number of micro-batches each dp rank accumulates per step; fills in the default global batch size."""
+    if train.global_batch_size is None:
+        train.global_batch_size = train.micro_batch_size * dp_size
+    per_step = train.micro_batch_size * dp_size
+    if train.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {train.global_batch_size} is not a multiple of micro batch "
+                         f"{train.micro_batch_size} x data-parallel size {dp_size}")
+    return train.global_batch_size // per_step

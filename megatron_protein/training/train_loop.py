@@ -1,0 +1,287 @@
+"""Protein BERT pretraining: build, then loop forward, backward, clip, step, log, evaluate, save.
+
+The loop reads top to bottom like nanoGPT's ``train.py``; every parallel axis is handled by the core:
+the model's layers split over tp, :func:`~megatron_protein.parallel.pipeline.run_pipeline` runs the micro-batches
+through the pp stages (plain gradient accumulation when pp = 1), :class:`~megatron_protein.parallel.dp.DataParallel`
+averages gradients over dp, and :func:`~megatron_protein.parallel.pipeline.all_reduce_tied_gradients` sums the two
+copies of the tied word embedding over the pipeline ends. One process runs the same code with every group None.
+
+Loss: each micro-batch's loss is the mean cross-entropy over its predicted tokens (Megatron BERT); the step
+minimises the mean of the micro-batch losses of the global batch. Validation reports the token-weighted mean
+cross-entropy over a fixed set of held-out samples (the first ``eval_iters`` global batches of the validation
+split, the same at every evaluation so the curve is comparable) and its exponential, the perplexity.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_protein.models.bert import ProteinBertModel, masked_lm_loss
+from megatron_protein.parallel import scg
+from megatron_protein.parallel.dp import DataParallel
+from megatron_protein.parallel.pipeline import all_reduce_tied_gradients, run_pipeline, sync_tied_parameters
+from megatron_protein.parallel.tensor_parallel import model_parallel_seed
+from megatron_protein.training import checkpointing
+from megatron_protein.training.arguments import PretrainConfig, resolve_batch
+from megatron_protein.training.logging_utils import TrainingLogger, logger
+from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler, build_optimizer, clip_grad_norm,
+                                                 grads_are_finite)
+from megatron_protein.training.pretrain_data import (attention_mask, build_datasets, micro_batch_loader,
+                                                     resolve_sources, unigram_perplexity)
+
+
+@dataclass
+class TrainResult:
+    """What a run did, on every rank: per-iteration training losses (global-batch mean), evaluations, paths."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+    start_iteration: int = 0
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    valid_unigram_perplexity: Optional[float] = None
+    checkpoint_dir: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    elapsed_seconds: float = 0.0
+
+
+def autocast_context(config: PretrainConfig, device: torch.device):
+    if config.optim.bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if config.optim.fp16:
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _from_last_stage(tensor: torch.Tensor, groups: scg.ParallelGroups) -> torch.Tensor:
+    if groups.group("pp") is not None:
+        dist.broadcast(tensor, src=groups.ranks("pp")[-1], group=groups.group("pp"))
+    return tensor
+
+
+class Pretrainer:
+    """Holds the model, optimizer and data position of one run; :meth:`train` runs it."""
+
+    def __init__(self, config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None):
+        self.config = config
+        self.groups = groups = groups if groups is not None else scg.current()
+        args = config.args
+        self.num_micro_batches = resolve_batch(config.train, groups.size("dp"))
+        # What checkpoints record (Megatron's names), including what only the world size decides.
+        args.global_batch_size = config.train.global_batch_size
+        args.data_parallel_size = groups.size("dp")
+        args.world_size = groups.world_size
+        args.padded_vocab_size = config.model.padded_vocab_size(groups.size("tp"))
+        model_parallel_seed(config.data.seed, groups)
+
+        # Model: this rank's tp shard of its pp stage, replicas made equal over dp, tied copies over pp ends.
+        self.model = ProteinBertModel(config.model, groups).to(groups.device)
+        self.ddp = DataParallel(self.model, groups, overlap_grad_reduce=config.parallel.overlap_grad_reduce)
+        self.ddp.broadcast_parameters()
+        tied = self.model.shared_embedding_weight()
+        self.tied_params = [tied] if tied is not None else []
+        sync_tied_parameters(self.tied_params, groups)
+
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scheduler = LRScheduler(self.optimizer, config.optim.lr, config.optim.min_lr,
+                                     config.optim.lr_warmup_steps,
+                                     config.optim.lr_decay_steps or config.train.train_iters,
+                                     config.optim.lr_decay_style)
+        self.loss_scaler = None
+        if config.optim.fp16:
+            self.loss_scaler = DynamicLossScaler(
+                initial_scale=config.optim.loss_scale or config.optim.initial_loss_scale,
+                min_scale=config.optim.min_loss_scale, window=config.optim.loss_scale_window,
+                hysteresis=config.optim.hysteresis, dynamic=config.optim.loss_scale is None)
+        self.iteration = 0
+        self.consumed_train_samples = 0
+        if config.checkpoint.load and checkpointing.read_tracker(config.checkpoint.load) is not None:
+            position = checkpointing.load_checkpoint(
+                config.checkpoint.load, self.model, self.optimizer, self.scheduler, args, self.loss_scaler,
+                groups, load_optim=not config.checkpoint.no_load_optim, load_rng=not config.checkpoint.no_load_rng,
+                finetune=config.checkpoint.finetune)
+            self.iteration = position["iteration"]
+            self.consumed_train_samples = position["consumed_train_samples"]
+        elif config.checkpoint.load and groups.rank == 0:
+            logger.info("no checkpoint in %s yet: starting from random weights", config.checkpoint.load)
+
+        # Data: every rank opens the datasets (memory-mapped); stages read the fields they need.
+        train, data = config.train, config.data
+        sources = resolve_sources(data.data_path, data.split, data.train_data_path, data.valid_data_path,
+                                  data.test_data_path)
+        eval_samples = config.logging.eval_iters * train.global_batch_size
+        self.datasets = build_datasets(
+            sources, data.seq_length,
+            {"train": train.train_iters * train.global_batch_size, "valid": eval_samples, "test": eval_samples},
+            data.seed, data.mask_prob, data.pack_sequences, data.data_cache_path)
+        self.valid_unigram_perplexity = (unigram_perplexity(sources["valid"])[0]
+                                         if sources.get("valid") is not None else None)
+        self.activation_shape = (train.micro_batch_size, data.seq_length, config.model.hidden_size)
+
+    # ------------------------------------------------------------------------------------------ one stage
+    def forward_step(self, stage_input: Optional[torch.Tensor], batch: dict) -> torch.Tensor:
+        """This pipeline stage's forward: tokens on the first stage, the received hidden states elsewhere."""
+        device = self.groups.device
+        mask = attention_mask(batch, self.config.data.pack_sequences).to(device)
+        model_input = batch["tokens"].to(device) if stage_input is None else stage_input
+        with autocast_context(self.config, device):
+            return self.model(model_input, mask, batch["position_ids"].to(device))
+
+    def loss_fn(self, logits_shard: torch.Tensor, batch: dict) -> torch.Tensor:
+        device = self.groups.device
+        loss, _ = masked_lm_loss(logits_shard, batch["labels"].to(device), batch["loss_mask"].to(device),
+                                 self.groups)
+        return loss * (self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
+
+    # ------------------------------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
+        """Forward and backward of the global batch, gradient sync, clip, optimizer step. Returns
+        (mean loss over the global batch, gradient norm before clipping, whether the step was skipped)."""
+        groups = self.groups
+        self.model.train()
+        self.ddp.zero_grad()  # zeroes the flat gradient buffers (the .grad views stay attached)
+        loss = run_pipeline(self.forward_step, micro_batches, self.loss_fn, self.activation_shape,
+                            groups=groups, no_sync=self.ddp.no_sync)
+        self.ddp.sync_gradients()                              # mean over dp replicas
+        all_reduce_tied_gradients(self.tied_params, groups)    # word embedding used on the first and last stage
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        skipped = False
+        if self.loss_scaler is not None:
+            inverse = 1.0 / self.loss_scaler.scale
+            for p in params:
+                p.grad.mul_(inverse)
+            loss = loss * inverse
+            skipped = not grads_are_finite(params, groups)
+            self.loss_scaler.update(skipped)
+        norm = clip_grad_norm(params, self.config.optim.clip_grad, groups) if not skipped else float("nan")
+        if not skipped:  # as Megatron: a skipped step does not advance the schedule either
+            self.optimizer.step()
+            self.scheduler.step()
+        mean_loss = _all_reduce(loss.detach().clone(), groups.group("dp")) / groups.size("dp")
+        return float(mean_loss), norm, skipped
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> tuple[float, int]:
+        """Token-weighted mean cross-entropy over the fixed evaluation samples of ``split``; (loss, tokens)."""
+        dataset = self.datasets.get(split)
+        groups, train = self.groups, self.config.train
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=groups.device)  # [sum of losses, predicted tokens]
+
+        def loss_fn(logits_shard, batch):
+            loss, count = masked_lm_loss(logits_shard, batch["labels"].to(groups.device),
+                                         batch["loss_mask"].to(groups.device), groups)
+            totals[0] += float(loss) * float(count)
+            totals[1] += float(count)
+            return loss
+
+        loader = micro_batch_loader(dataset, 0, train.micro_batch_size, groups.rank_in("dp"), groups.size("dp"))
+        for _ in range(self.config.logging.eval_iters):
+            micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
+            run_pipeline(self.forward_step, micro_batches, loss_fn, self.activation_shape, groups=groups,
+                         forward_only=True)
+        _from_last_stage(totals, groups)
+        _all_reduce(totals, groups.group("dp"))
+        self.model.train()
+        return float(totals[0] / totals[1].clamp(min=1)), int(totals[1])
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def save(self) -> None:
+        cfg = self.config
+        cfg.args.consumed_train_samples = self.consumed_train_samples
+        cfg.args.iteration = self.iteration
+        checkpointing.save_checkpoint(cfg.checkpoint.save, self.iteration, self.model, self.optimizer,
+                                      self.scheduler, cfg.args, self.loss_scaler, self.groups,
+                                      save_optim=not cfg.checkpoint.no_save_optim,
+                                      save_rng=not cfg.checkpoint.no_save_rng)
+
+    def train(self) -> TrainResult:
+        cfg, groups = self.config, self.groups
+        train, log_cfg, ckpt = cfg.train, cfg.logging, cfg.checkpoint
+        result = TrainResult(start_iteration=self.iteration, valid_unigram_perplexity=self.valid_unigram_perplexity,
+                             checkpoint_dir=ckpt.save, tensorboard_dir=log_cfg.tensorboard_dir)
+        tokens_per_iteration = train.global_batch_size * cfg.data.seq_length
+        log = TrainingLogger(train.train_iters, log_cfg.log_interval, tokens_per_iteration,
+                             is_writer=groups.rank == 0, tensorboard_dir=log_cfg.tensorboard_dir,
+                             start_iteration=self.iteration)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("%s | this rank's model shard: %s parameters | global batch %d = micro %d x %d micro-batches x "
+                 "dp %d | %d tokens per iteration", groups.describe(), f"{n_params:,}", train.global_batch_size,
+                 train.micro_batch_size, self.num_micro_batches, groups.size("dp"), tokens_per_iteration)
+        if self.valid_unigram_perplexity is not None:
+            log.info("unigram perplexity of the validation residues: %.3f", self.valid_unigram_perplexity)
+            log.scalar("valid/unigram_perplexity", self.valid_unigram_perplexity, self.iteration)
+        if self.iteration:
+            log.info("resumed from %s at iteration %d (%d samples consumed)", ckpt.load, self.iteration,
+                     self.consumed_train_samples)
+
+        loader = None
+        if self.iteration < train.train_iters:
+            loader = micro_batch_loader(self.datasets["train"], self.consumed_train_samples,
+                                        train.micro_batch_size, groups.rank_in("dp"), groups.size("dp"),
+                                        cfg.args.num_workers)
+        else:
+            log.info("the run is complete (iteration %d of %d); nothing to train", self.iteration,
+                     train.train_iters)
+        saved_at = None
+        while self.iteration < train.train_iters:
+            micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
+            lr = self.scheduler.lr
+            loss, norm, skipped = self.train_step(micro_batches)
+            self.iteration += 1
+            self.consumed_train_samples += train.global_batch_size
+            result.losses.append(loss)
+            result.grad_norms.append(norm)
+            log.training_step(self.iteration, loss, lr, norm, skipped,
+                              self.loss_scaler.scale if self.loss_scaler is not None else None)
+
+            if self.datasets.get("valid") is not None and log_cfg.eval_iters > 0 and (
+                    self.iteration % log_cfg.eval_interval == 0 or self.iteration == train.train_iters):
+                valid_loss, tokens = self.evaluate("valid")
+                result.evaluations.append({"iteration": self.iteration, "split": "valid", **log.evaluation(
+                    self.iteration, "valid", valid_loss, tokens)})
+            exiting = train.exit_interval is not None and self.iteration % train.exit_interval == 0
+            if ckpt.save and ((ckpt.save_interval and self.iteration % ckpt.save_interval == 0) or exiting
+                              or self.iteration == train.train_iters):
+                self.save()
+                saved_at = self.iteration
+                log.info("saved checkpoint of iteration %d to %s", self.iteration,
+                         checkpointing.iteration_dir(ckpt.save, self.iteration))
+            if exiting:
+                log.info("exiting at iteration %d (--exit-interval %d)", self.iteration, train.exit_interval)
+                break
+
+        if self.iteration == train.train_iters and self.datasets.get("test") is not None and log_cfg.eval_iters:
+            test_loss, tokens = self.evaluate("test")
+            result.evaluations.append({"iteration": self.iteration, "split": "test",
+                                       **log.evaluation(self.iteration, "test", test_loss, tokens)})
+        result.iteration = self.iteration
+        result.consumed_train_samples = self.consumed_train_samples
+        if saved_at is not None:
+            log.info("checkpoints: %s (latest iteration %d)", ckpt.save, saved_at)
+        if log_cfg.tensorboard_dir:
+            log.info("TensorBoard logs: %s (tensorboard --logdir %s)", log_cfg.tensorboard_dir,
+                     log_cfg.tensorboard_dir)
+        log.close()
+        return result
+
+
+def pretrain(config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None) -> TrainResult:
+    """Build everything for ``config`` on ``groups`` (default: the current layout) and train."""
+    started = time.monotonic()
+    result = Pretrainer(config, groups).train()
+    result.elapsed_seconds = time.monotonic() - started
+    return result

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Pretrain the protein BERT on several GPU nodes with torchrun (NCCL): run this same command on every node.
+#
+#   # node 0 (its address is MASTER_ADDR), 4 nodes x 8 GPUs = 32 GPUs: TP=4 (within a node) x PP=2 x DP=4
+#   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 bash scripts/pretrain_multinode.sh
+#   # nodes 1..3: the same with NODE_RANK=1, 2, 3
+#
+# Layout: ranks are ordered (dp, pp, tp) with tp innermost, so a tensor-parallel group sits on adjacent GPUs of
+# one node (NVLink) and only pipeline sends and the data-parallel all-reduce cross nodes. dp is inferred:
+# NNODES x NPROC_PER_NODE / (TP x PP). Data must be on a filesystem every node sees (DATA_PREFIX or INPUT), as
+# must OUTPUT_DIR (checkpoints are written by dp rank 0 of every tp/pp coordinate and renamed by global rank 0).
+# Defaults: MODEL=base (BERT-base: 12 layers, hidden 768, 12 heads, seq 512), global batch 1024, bf16.
+# Extra arguments go to pretrain/pretrain_protein_bert.py (Megatron-LM flags).
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+: "${NNODES:?set NNODES (number of nodes)}" "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}" \
+  "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
+export NNODES NODE_RANK MASTER_ADDR
+export MASTER_PORT="${MASTER_PORT:-29500}"
+export MODEL="${MODEL:-base}" TP="${TP:-4}" PP="${PP:-2}" NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+export INPUT="${INPUT:-$REPO_ROOT/data/pfam/pfam_sample.fasta}"
+export OUTPUT_DIR="${OUTPUT_DIR:-$REPO_ROOT/runs/pfam_${MODEL}_multinode}"
+# Best: preprocess once beforehand and pass DATA_PREFIX. Otherwise every node preprocesses INPUT when the prefix is
+# missing; the outputs are identical and renamed into place atomically, so concurrent nodes cannot read half files.
+exec bash "$REPO_ROOT/scripts/pretrain_pfam.sh" --bf16 --overlap-grad-reduce "$@"
