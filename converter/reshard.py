@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Rewrite a Megatron protein BERT checkpoint for other tensor/pipeline-parallel degrees.
+
+    python converter/reshard.py --src SAVE_TP8 --out SAVE_TP2 --tp 2 --pp 1
+
+Model weights, args (new degrees, re-padded vocabulary), iteration and LR schedule are carried; optimizer moments
+and RNG states are not (resume with the optimizer restarted). Logic: megatron_protein.conversion.reshard.
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_protein.conversion.megatron_checkpoint import CheckpointError  # noqa: E402
+from megatron_protein.conversion.reshard import ReshardError, reshard  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="Megatron checkpoint (save, iter_*, mp_rank_* dir or file)")
+    parser.add_argument("--out", required=True, help="output save directory")
+    parser.add_argument("--tp", type=int, required=True, help="new tensor-model-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="new pipeline-model-parallel size (default 1)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="unpadded vocabulary size (default: args.vocab_size or the detected vocabulary)")
+    parser.add_argument("--vocab", default="auto", help="auto, tape, proteinlm or a vocabulary file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        written = reshard(args.src, args.out, args.tp, args.pp, vocab_size=args.vocab_size, vocab=args.vocab)
+    except (CheckpointError, ReshardError, ValueError, FileExistsError) as exc:
+        print(f"reshard: error: {exc}", file=sys.stderr)
+        return 2
+    for (t, p), path in sorted(written.items()):
+        print(f"tp {t} pp {p}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""What every conversion writes with: dtype parsing, all-or-nothing output directories, the tensor table."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, TextIO
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
+    """``torch.float16`` / ``float16`` / ``fp16`` / ``half`` / ``bfloat16`` / ... -> torch dtype (None -> None).
+
+    The string is looked up in a table, never evaluated (ProteinLM's converter ran ``eval`` on it).
+    """
+    if text is None:
+        return None
+    name = text.strip().lower()
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    if name not in _DTYPES:
+        accepted = ", ".join(sorted({f"torch.{k}" for k in _DTYPES if k.startswith(("float", "bfloat"))}))
+        raise ValueError(f"unknown destination dtype {text!r}; expected one of {accepted} (or fp16, bf16, fp32)")
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def staged_directory(out: str, overwrite_files: bool = True) -> Iterator[str]:
+    """Write into a temporary sibling of ``out`` and publish it only when the block finishes without error.
+
+    If ``out`` does not exist the temporary directory is renamed to it (one atomic rename). If it exists (e.g.
+    made by ``mkdir -p``), each new file is moved into it with :func:`os.replace`. On any error the temporary
+    directory is removed, so a failed conversion leaves neither a partial ``out`` nor a stray temporary.
+    """
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        yield staging
+        if not os.path.exists(out):
+            os.replace(staging, out)
+            return
+        for root, _, files in os.walk(staging):
+            rel = os.path.relpath(root, staging)
+            target_dir = os.path.join(out, rel) if rel != "." else out
+            os.makedirs(target_dir, exist_ok=True)
+            for name in files:
+                target = os.path.join(target_dir, name)
+                if os.path.exists(target) and not overwrite_files:
+                    raise FileExistsError(f"{target}: exists")
+                os.replace(os.path.join(root, name), target)
+        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@dataclass
+class TableRow:
+    target: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    note: str = ""
+
+
+def print_table(rows: Sequence[TableRow], title: str, file: TextIO = sys.stdout) -> None:
+    """A fixed-width table: target key, shape, dtype, source key(s) and what was done to them."""
+    width_t = max([len(r.target) for r in rows] + [6])
+    width_s = max([len(str(tuple(r.shape))) for r in rows] + [5])
+    print(title, file=file)
+    print(f"{'target':<{width_t}}  {'shape':<{width_s}}  {'dtype':<8}  source", file=file)
+    print("-" * (width_t + width_s + 40), file=file)
+    total = 0
+    for r in rows:
+        dtype = str(r.dtype).replace("torch.", "")
+        note = f"  [{r.note}]" if r.note else ""
+        print(f"{r.target:<{width_t}}  {str(tuple(r.shape)):<{width_s}}  {dtype:<8}  {r.source}{note}", file=file)
+        count = 1
+        for d in r.shape:
+            count *= d
+        total += count
+    print(f"{len(rows)} tensors, {total:,} values", file=file)
