@@ -24,53 +24,23 @@ import sys
 import pytest
 import torch
 
+import pfam_fixtures
 from harness import run_distributed
+from pfam_fixtures import write_pretraining_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE_FASTA = os.path.join(REPO, "data", "pfam", "pfam_sample.fasta")
 LAYOUTS = ((2, 1), (1, 2), (2, 2))
 ATOL, RTOL = 1e-5, 1e-4
 SEQ_LENGTH = 32
 
 
-def read_sequences(limit: int) -> list[str]:
-    sequences, current = [], []
-    with open(SAMPLE_FASTA) as f:
-        for line in f:
-            if line.startswith(">"):
-                if current:
-                    sequences.append("".join(current))
-                current = []
-            else:
-                current.append(line.strip())
-            if len(sequences) >= limit:
-                break
-    return sequences[:limit]
-
-
 def make_data(directory: str) -> str:
-    from megatron_protein.data.indexed_dataset import make_dataset
-    from megatron_protein.data.tokenizer import IUPACTokenizer
-    tokenizer = IUPACTokenizer()
-    encoded = [tokenizer.encode(s) for s in read_sequences(120)]
-    prefix = os.path.join(directory, "pfam")
-    make_dataset(prefix + "_train", encoded[:100])
-    make_dataset(prefix + "_valid", encoded[100:])
-    return prefix
+    return write_pretraining_data(directory, train=100, valid=20)
 
 
 def probe_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three real sequences as <cls> residues <sep> <pad>..., of different lengths (so padding is exercised)."""
-    from megatron_protein.data.tokenizer import IUPACTokenizer
-    tokenizer = IUPACTokenizer()
-    sequences = read_sequences(200)[-3:]
-    tokens = torch.zeros(3, SEQ_LENGTH, dtype=torch.long)
-    padding_mask = torch.zeros(3, SEQ_LENGTH, dtype=torch.bool)
-    for row, (sequence, length) in enumerate(zip(sequences, (SEQ_LENGTH - 2, 20, 9))):
-        ids = [tokenizer.cls_id] + list(tokenizer.encode(sequence))[:length] + [tokenizer.sep_id]
-        tokens[row, :len(ids)] = torch.tensor(ids)
-        padding_mask[row, :len(ids)] = True
-    return tokens, padding_mask
+    """Three real sequences of different lengths (so padding is exercised)."""
+    return pfam_fixtures.probe_batch(SEQ_LENGTH, (SEQ_LENGTH - 2, 20, 9), skip=197)
 
 
 def argv_for(data_prefix: str, save: str, tp: int, pp: int) -> list[str]:

@@ -14,41 +14,15 @@ import numpy as np
 import pytest
 
 from harness import run_distributed
+from pfam_fixtures import write_pretraining_data
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE_FASTA = os.path.join(REPO, "data", "pfam", "pfam_sample.fasta")
 
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 
 
-def read_fasta(path: str, limit: int) -> list[str]:
-    sequences, current = [], []
-    with open(path) as f:
-        for line in f:
-            if line.startswith(">"):
-                if current:
-                    sequences.append("".join(current))
-                    if len(sequences) == limit:
-                        return sequences
-                current = []
-            else:
-                current.append(line.strip())
-    if current:
-        sequences.append("".join(current))
-    return sequences[:limit]
-
-
 def make_tiny_data(directory: str, train: int = 200, valid: int = 40) -> str:
     """PREFIX_train / PREFIX_valid indexed datasets from the first sequences of the embedded Pfam sample."""
-    from megatron_protein.data.indexed_dataset import make_dataset
-    from megatron_protein.data.tokenizer import IUPACTokenizer
-
-    tokenizer = IUPACTokenizer()
-    sequences = [tokenizer.encode(s) for s in read_fasta(SAMPLE_FASTA, train + valid)]
-    prefix = os.path.join(directory, "pfam")
-    make_dataset(prefix + "_train", sequences[:train])
-    make_dataset(prefix + "_valid", sequences[train:])
-    return prefix
+    return write_pretraining_data(directory, train=train, valid=valid)
 
 
 def tiny_argv(data_prefix: str, tp: int = 1, pp: int = 1, dropout: float = 0.0, extra: list[str] = ()) -> list[str]:

@@ -29,10 +29,11 @@ import os
 import pytest
 import torch
 
+import pfam_fixtures
 from harness import run_distributed
+from pfam_fixtures import write_pretraining_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE_FASTA = os.path.join(REPO, "data", "pfam", "pfam_sample.fasta")
 TAPE_DATA = os.path.join(REPO, "data", "tape")
 SEQ_LENGTH = 32
 MAX_POSITIONS = 64
@@ -40,47 +41,9 @@ TRAIN_ITERS = 4
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def read_fasta_sequences(limit: int) -> list[str]:
-    sequences, current = [], []
-    with open(SAMPLE_FASTA) as f:
-        for line in f:
-            if line.startswith(">"):
-                if current:
-                    sequences.append("".join(current))
-                    if len(sequences) == limit:
-                        return sequences
-                current = []
-            else:
-                current.append(line.strip())
-    if current:
-        sequences.append("".join(current))
-    return sequences[:limit]
-
-
-def write_pretraining_data(directory: str) -> str:
-    """PREFIX_{train,valid}.{bin,idx}: 100 + 20 real Pfam domains as TAPE ids (Megatron indexed dataset)."""
-    from megatron_protein.data.indexed_dataset import make_dataset
-    from megatron_protein.data.tokenizer import IUPACTokenizer
-    tokenizer = IUPACTokenizer()
-    encoded = [tokenizer.encode(s) for s in read_fasta_sequences(120)]
-    prefix = os.path.join(directory, "pfam")
-    make_dataset(prefix + "_train", encoded[:100])
-    make_dataset(prefix + "_valid", encoded[100:])
-    return prefix
-
-
 def probe_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three real Pfam domains as <cls> residues <sep> <pad>... of lengths 30, 17 and 6 residues."""
-    from megatron_protein.data.tokenizer import IUPACTokenizer
-    tokenizer = IUPACTokenizer()
-    sequences = read_fasta_sequences(203)[-3:]
-    tokens = torch.zeros(3, SEQ_LENGTH, dtype=torch.long)
-    padding_mask = torch.zeros(3, SEQ_LENGTH, dtype=torch.bool)
-    for row, (sequence, length) in enumerate(zip(sequences, (SEQ_LENGTH - 2, 17, 6))):
-        ids = [tokenizer.cls_id] + list(tokenizer.encode(sequence))[:length] + [tokenizer.sep_id]
-        tokens[row, :len(ids)] = torch.tensor(ids)
-        padding_mask[row, :len(ids)] = True
-    return tokens, padding_mask
+    """Three real Pfam domains of 30, 17 and 6 residues."""
+    return pfam_fixtures.probe_batch(SEQ_LENGTH, (SEQ_LENGTH - 2, 17, 6), skip=200)
 
 
 def pretraining_argv(data_prefix: str, save: str) -> list[str]:
