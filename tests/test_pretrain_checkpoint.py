@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from harness import run_distributed
-from test_pretrain_parallel import REPO, make_tiny_data, tiny_argv, train_run, train_runs
+from pfam_fixtures import REPO
+from test_pretrain_parallel import make_tiny_data, tiny_argv, train_run, train_runs
 
 from megatron_protein.parallel import scg
 from megatron_protein.training import checkpointing

@@ -176,8 +176,9 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         # [b, s, h] -> [b, s, heads/tp * 3 * d] -> [b, s, heads/tp, 3, d] (per-head q, k, v rows)
         qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, self.head_dim)
-        # each of q, k, v: [b, heads/tp, s, d]
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        # each of q, k, v: [b, heads/tp, s, d], strided views of qkv. unbind (not three index-selects): its backward
+        # stacks the three gradients into one tensor instead of zero-filling a full qkv-sized gradient per slice.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))
         # Attention dropout acts on a tensor split over tp: its mask must differ across tp ranks (and match
         # across dp ranks), so it draws from the model-parallel RNG stream.
         with tp_layers.get_rng_tracker().fork():

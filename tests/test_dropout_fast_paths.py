@@ -1,0 +1,97 @@
+"""The CPU training fast paths of the BERT kernels compute what the plain compositions compute.
+
+* :func:`kernels.attention.attention_dropout_cpu` (written-out attention with dropout, used by ``CoreAttention``'s
+  reference path in CPU training) against matmul -> masked softmax -> (probs * keep / (1 - p)) -> matmul with the
+  same keep mask: outputs and q/k/v gradients in float64, plus torch.autograd.gradcheck; fully masked query rows
+  give zeros; bf16 under autocast stays close to the fp32 result.
+* :func:`kernels.bias_dropout_add.bernoulli_keep_mask`: a function of the default generator's state only (same
+  seed, same mask, whatever the thread count), keep rate within binomial bounds, chunked and unchunked sizes.
+"""
+import math
+
+import pytest
+import torch
+
+from megatron_protein.kernels import bias_dropout_add as bda
+from megatron_protein.kernels.attention import attention_dropout_cpu, attention_keep_mask
+from megatron_protein.kernels.softmax import softmax_unfused
+
+
+def _masks(b, s):
+    padding = torch.zeros(b, 1, 1, s, dtype=torch.bool)
+    padding[0, ..., s - 2:] = True
+    block = torch.zeros(b, 1, s, s, dtype=torch.bool)
+    block[1, 0, 2, :] = True  # one fully masked query row
+    block[0, 0, :, 1] = True
+    return [None, padding, block]
+
+
+def _plain(q, k, v, mask, keep, scale, p):
+    probs = softmax_unfused(torch.matmul(q, k.transpose(-1, -2)), scale, None, mask)
+    return torch.matmul(probs * keep / (1.0 - p), v)
+
+
+@pytest.mark.parametrize("mask_index", [0, 1, 2])
+def test_attention_dropout_matches_plain_composition(mask_index):
+    torch.manual_seed(0)
+    b, h, s, d, p = 2, 3, 7, 5, 0.3
+    q, k, v = (torch.randn(b, h, s, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = _masks(b, s)[mask_index]
+    keep = attention_keep_mask((b, h, s, s), p, "cpu")
+    assert keep.dtype == torch.bool and not bool(keep.all())
+    out = attention_dropout_cpu(q, k, v, mask, 1 / math.sqrt(d), p, keep)
+    ref = _plain(q, k, v, mask, keep, 1 / math.sqrt(d), p)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out),
+                            torch.autograd.grad(ref, (q, k, v), grad_out)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda q, k, v: attention_dropout_cpu(q, k, v, mask, 0.4, p, keep), (q, k, v))
+    if mask_index == 2:
+        assert torch.equal(out[1, :, 2], torch.zeros_like(out[1, :, 2]))
+
+
+def test_attention_dropout_strided_views_and_bf16_autocast():
+    """q, k, v as the model makes them (transposed views of one fused projection), fp32 and bf16 autocast."""
+    torch.manual_seed(1)
+    b, s, h, d, p = 2, 16, 2, 8, 0.1
+    qkv = torch.randn(b, s, h, 3, d, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))
+    keep = attention_keep_mask((b, h, s, s), p, "cpu")
+    out = attention_dropout_cpu(q, k, v, None, 1 / math.sqrt(d), p, keep)
+    ref = _plain(q, k, v, None, keep, 1 / math.sqrt(d), p)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.square().sum(), qkv)
+    (grad_ref,) = torch.autograd.grad(ref.square().sum(), qkv)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attention_dropout_cpu(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 1 / math.sqrt(d), p, keep)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), out, rtol=5e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="keep must be bool"):
+        attention_dropout_cpu(q, k, v, None, 1.0, p, keep.float())
+
+
+@pytest.mark.parametrize("shape", [(3, 50, 40), (4, 4, 256, 256)])  # one piece, and above the chunking threshold
+def test_keep_mask_is_a_function_of_the_seed(shape):
+    chunked = math.prod(shape) >= bda.KEEP_MASK_CHUNKED_MIN_NUMEL
+    assert chunked == (len(shape) == 4)
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for num_threads in (1, 2, 2):
+            torch.set_num_threads(num_threads)
+            torch.manual_seed(11)
+            masks.append(bda.bernoulli_keep_mask(shape, 0.9, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert masks[0].dtype == torch.bool and masks[0].shape == shape
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+    torch.manual_seed(12)
+    assert not torch.equal(bda.bernoulli_keep_mask(shape, 0.9, "cpu"), masks[0])
+    n = math.prod(shape)
+    rate = masks[0].double().mean().item()
+    assert abs(rate - 0.9) < 6 * math.sqrt(0.9 * 0.1 / n)  # six binomial standard deviations
+    if chunked:  # every chunk has its own stream: no two quarters repeat
+        quarters = masks[0].flatten().chunk(bda.KEEP_MASK_CHUNKS)
+        assert not torch.equal(quarters[0], quarters[1])
