@@ -17,17 +17,14 @@ the JSON reports the median and the ratio core / raw. Run::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _launch import run_and_print
 from megatron_protein.parallel import collectives, scg
 
 
@@ -88,17 +85,6 @@ def _bench(args) -> dict:
             "reps": args.reps, "torch": torch.__version__, "results": results}
 
 
-def _spawned(rank, world, port, args, queue):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    try:
-        result = _bench(args)
-        if rank == 0:
-            queue.put(result)
-    finally:
-        scg.destroy_process_group()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=float, default=16.0, help="tensor size in MiB (float32)")
@@ -108,21 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--progress", action="store_true", help="print progress to stderr")
     args = parser.parse_args(argv)
 
-    if "RANK" in os.environ:  # under torchrun
-        result = _bench(args)
-        if int(os.environ["RANK"]) == 0:
-            print(json.dumps(result))
-        scg.destroy_process_group()
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_spawned, args=(args.world_size, port, args, queue), nprocs=args.world_size,
-                       start_method="spawn")
-    print(json.dumps(queue.get()))
-
+    run_and_print(_bench, args, args.world_size)
 
 if __name__ == "__main__":
     main()

@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from _launch import run_and_print
 from megatron_protein.parallel import scg
 from megatron_protein.parallel.dp import DataParallel
 from megatron_protein.parallel.pipeline import run_pipeline, stage_layer_range
@@ -255,17 +252,6 @@ def _bench(args) -> dict:
     return out
 
 
-def _spawned(rank, world, port, args, queue):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    try:
-        result = _bench(args)
-        if rank == 0:
-            queue.put(result)
-    finally:
-        scg.destroy_process_group()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -278,20 +264,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--world-size", type=int, default=2, help="processes to spawn when not under torchrun")
     args = parser.parse_args(argv)
-    if "RANK" in os.environ:  # under torchrun
-        result = _bench(args)
-        if int(os.environ["RANK"]) == 0:
-            print(json.dumps(result))
-        scg.destroy_process_group()
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_spawned, args=(args.world_size, port, args, queue), nprocs=args.world_size,
-                       start_method="spawn")
-    print(json.dumps(queue.get()))
-
+    run_and_print(_bench, args, args.world_size)
 
 if __name__ == "__main__":
     main()
