@@ -52,6 +52,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+from tape_tasks.datasets import open_split  # noqa: E402
 from tape_tasks.training import EvalConfig, TrainConfig, run_eval, run_train  # noqa: E402
 
 logger = logging.getLogger("tape_results")
@@ -126,18 +127,10 @@ FOLDERS = {"secondary_structure": "secondary_structure", "remote_homology": "rem
 # Data: the budgeted TAPE-format copy
 
 
-def _read_json(path: str) -> list[dict]:
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: TAPE split not found (expected TAPE's JSON layout under --data_dir, see "
-                                f"docs/tape.md)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
+def _read_split(data_dir: str, folder: str, split: str) -> list[dict]:
+    """One TAPE JSON split through the package's reader (its errors name the file and list the splits found)."""
+    records = open_split(data_dir, folder, folder, split, data_format="json")
+    return [records[i] for i in range(len(records))]
 
 
 def _write_json(path: str, value: Any, indent: Optional[int] = None) -> None:
@@ -212,7 +205,7 @@ def prepare_task_data(budget: TaskBudget, data_dir: str, out_dir: str, max_resid
     caps = {"train": budget.train_examples, "valid": budget.valid_examples,
             **{s: budget.test_examples for s in budget.test_splits}}
     for offset, (split, cap) in enumerate(caps.items()):
-        records = _read_json(os.path.join(data_dir, folder, f"{folder}_{split}.json"))
+        records = _read_split(data_dir, folder, split)
         kept, stats[split] = prepare_split(records, budget.length_policy, max_residues, cap, seed + offset,
                                            cap_chains_first=split in budget.test_splits)
         stats[split]["source_records"] = len(records)
