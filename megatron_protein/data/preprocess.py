@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -275,7 +276,7 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
     pending_parts: collections.deque = collections.deque()  # worker tasks, in input order
 
     def merge_next_part() -> None:
-        part_progress, outputs = pending_parts.popleft().get()
+        part_progress, outputs = pending_parts.popleft().result()
         for builder, (tokens, lengths) in zip(builders, outputs):
             builder.add_documents(tokens, lengths)
         converter.progress.merge(part_progress)
@@ -283,15 +284,19 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
 
     try:
         if workers > 1:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                initargs=(tokenizer_type, tokenizer_model))
+            # concurrent.futures, not multiprocessing.Pool: Pool.terminate() can deadlock joining its handler
+            # threads when a task has failed (seen in this repository's tests); the executor's shutdown cancels
+            # what has not started and waits for the (small) parts already running.
+            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                                          initializer=_init_worker,
+                                                          initargs=(tokenizer_type, tokenizer_model))
         for path in inputs:
             fmt = input_format or detect_format(path)
             if pool is not None and fmt in ("fasta", "stockholm") and not is_gzip(path):
                 parts = max(workers * PARTITIONS_PER_WORKER, -(-os.path.getsize(path) // PARTITION_BYTES))
                 for part in partition_file(path, fmt, parts):
-                    pending_parts.append(pool.apply_async(_convert_partition,
-                                                          (path, fmt, part, options, np.dtype(dtype).name)))
+                    pending_parts.append(pool.submit(_convert_partition,
+                                                     path, fmt, part, options, np.dtype(dtype).name))
                     # Written in input order; at most 2 x workers parts are in flight or waiting in memory.
                     while len(pending_parts) >= 2 * workers:
                         merge_next_part()
@@ -306,14 +311,14 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
             else:  # cannot cut this input: read here, encode in the pool, bounded look-ahead
                 pending: collections.deque = collections.deque()
                 for batch in batches:
-                    pending.append((batch, pool.apply_async(_encode_in_worker, ([r.sequence for r in batch],))))
-                    while len(pending) >= 2 * workers or (pending and pending[0][1].ready()):
+                    pending.append((batch, pool.submit(_encode_in_worker, [r.sequence for r in batch])))
+                    while len(pending) >= 2 * workers or (pending and pending[0][1].done()):
                         done, result = pending.popleft()
-                        converter.add(done, *result.get())
+                        converter.add(done, *result.result())
                         report(len(done))
                 while pending:
                     done, result = pending.popleft()
-                    converter.add(done, *result.get())
+                    converter.add(done, *result.result())
                     report(len(done))
         while pending_parts:
             merge_next_part()
@@ -337,8 +342,7 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
         raise
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     summary_path = f"{output_prefix}_summary.json"
