@@ -91,6 +91,9 @@ class TrainConfig:
     global_batch_size: Optional[int] = None
     train_iters: int = 1000
     exit_interval: Optional[int] = None  # stop (after saving) once iteration % exit_interval == 0
+    # The last layer and the MLM head only at the masked positions (same loss and gradients, less work); see
+    # ProteinBertModel. --no-sparse-prediction computes them at every position.
+    sparse_prediction: bool = True
 
     def __post_init__(self):
         if self.micro_batch_size < 1 or self.train_iters < 1:
@@ -139,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: micro batch x data-parallel size (no accumulation)")
     g.add_argument("--train-iters", type=int, default=1000)
     g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--no-sparse-prediction", action="store_false", dest="sparse_prediction",
+                   help="compute the last layer and the MLM head at every position, not only at the masked ones "
+                        "(same loss and gradients, slower; for comparisons)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     g.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")
@@ -254,7 +260,8 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
     logging_config = LoggingConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
                                    eval_interval=args.eval_interval, eval_iters=args.eval_iters)
     train = TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-                        train_iters=args.train_iters, exit_interval=args.exit_interval)
+                        train_iters=args.train_iters, exit_interval=args.exit_interval,
+                        sparse_prediction=args.sparse_prediction)
     return PretrainConfig(model=model, parallel=parallel, optim=optim, data=data, checkpoint=checkpoint,
                           logging=logging_config, train=train, args=args)
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_protein.models.bert import ProteinBertModel, masked_lm_loss
+from megatron_protein.models.bert import ProteinBertModel, masked_lm_loss, predicted_labels
 from megatron_protein.parallel import scg
 from megatron_protein.parallel.dp import DataParallel
 from megatron_protein.parallel.pipeline import all_reduce_tied_gradients, run_pipeline, sync_tied_parameters
@@ -136,13 +136,18 @@ class Pretrainer:
         device = self.groups.device
         mask = attention_mask(batch, self.config.data.pack_sequences).to(device)
         model_input = batch["tokens"].to(device) if stage_input is None else stage_input
+        prediction_mask = batch["loss_mask"].to(device).bool() if self.config.train.sparse_prediction else None
         with autocast_context(self.config, device):
-            return self.model(model_input, mask, batch["position_ids"].to(device))
+            return self.model(model_input, mask, batch["position_ids"].to(device), prediction_mask=prediction_mask)
+
+    def loss_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and loss mask laid out like the last stage's logits: [b, s], or [n] under sparse prediction."""
+        device = self.groups.device
+        labels, loss_mask = batch["labels"].to(device), batch["loss_mask"].to(device)
+        return predicted_labels(labels, loss_mask) if self.config.train.sparse_prediction else (labels, loss_mask)
 
     def loss_fn(self, logits_shard: torch.Tensor, batch: dict) -> torch.Tensor:
-        device = self.groups.device
-        loss, _ = masked_lm_loss(logits_shard, batch["labels"].to(device), batch["loss_mask"].to(device),
-                                 self.groups)
+        loss, _ = masked_lm_loss(logits_shard, *self.loss_inputs(batch), self.groups)
         return loss * (self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
 
     # ------------------------------------------------------------------------------------------ one step
@@ -182,8 +187,7 @@ class Pretrainer:
         totals = torch.zeros(2, dtype=torch.float64, device=groups.device)  # [sum of losses, predicted tokens]
 
         def loss_fn(logits_shard, batch):
-            loss, count = masked_lm_loss(logits_shard, batch["labels"].to(groups.device),
-                                         batch["loss_mask"].to(groups.device), groups)
+            loss, count = masked_lm_loss(logits_shard, *self.loss_inputs(batch), groups)
             totals[0] += float(loss) * float(count)
             totals[1] += float(count)
             return loss
