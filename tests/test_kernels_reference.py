@@ -144,6 +144,24 @@ def test_bias_gelu_is_exact_erf_gelu(width):
     assert (kernels.BiasGeLU()(x, bias) - tanh).abs().max() > 1e-6  # would catch a tanh implementation
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_bias_gelu_adds_an_fp32_bias_in_the_bf16_activations_dtype(fused):
+    """Under autocast the activation is bf16 and the bias parameter fp32: the op stays in bf16 (as autocast's own
+    linear-with-bias does) and the bias still gets its fp32 gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 40).bfloat16().requires_grad_()
+    bias = torch.randn(40, requires_grad=True)
+    out = kernels.BiasGeLU(fused=fused)(x, bias)
+    assert out.dtype == torch.bfloat16
+    truth = torch.nn.functional.gelu(x.detach().double() + bias.detach().bfloat16().double())
+    torch.testing.assert_close(out.double(), truth, rtol=1.6e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert bias.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    torch.nn.functional.gelu(x64 + b64).sum().backward()
+    torch.testing.assert_close(bias.grad.double(), b64.grad, rtol=2e-2, atol=2e-2)
+
+
 class _BDA(torch.nn.Module):
     def __init__(self, p, broadcast_dim=None):
         super().__init__()

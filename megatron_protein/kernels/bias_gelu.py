@@ -109,6 +109,11 @@ class BiasGeLU(torch.nn.Module):
         if bias is not None and bias.shape != x.shape[-1:]:
             raise ValueError(f"BiasGeLU: bias must have shape [{x.shape[-1]}] (last dim of x {tuple(x.shape)}), "
                              f"got {tuple(bias.shape)}")
+        if bias is not None and bias.dtype != x.dtype:
+            # Under autocast x comes from a bf16/fp16 matmul while the bias parameter is fp32: add it in x's dtype,
+            # as autocast does with a linear layer's own bias. Promoting instead would run the GeLU, its backward
+            # and the next matmul's input cast on a float32 copy of the widest activation of the layer.
+            bias = bias.to(x.dtype)
         backend = dispatch.select_backend("BiasGeLU", self.fused, x, bias)
         if backend == "triton":
             return bias_gelu_triton(x, bias)
