@@ -5,8 +5,9 @@ masked out (padding keys, or another packed segment), or None. Query rows whose 
 queries) give a zero context, never NaN.
 
 * reference (``fused=True`` off CUDA): ``torch.nn.functional.scaled_dot_product_attention``, whose CPU flash kernel
-  tiles over keys and never materialises the ``[b, h, sq, sk]`` probabilities; in training with dropout on a CPU
-  (where SDPA would fall back to its math path) the written-out :func:`attention_dropout_cpu`.
+  tiles over keys and never materialises the ``[b, h, sq, sk]`` probabilities; in training on a CPU with dropout
+  (where SDPA would fall back to its math path) or in bf16/fp16 (where its flash backward is slow) the written-out,
+  head-chunked :func:`attention_written_out`.
 * unfused (``fused=False``): the matmul -> :func:`softmax_unfused` -> dropout -> matmul composition that
   Megatron runs with ``--no-masked-softmax-fusion``.
 * triton: the tiled flash-attention kernel of :mod:`megatron_protein.kernels._triton.flash_attention` (online
@@ -40,24 +41,45 @@ def attention_keep_mask(shape, dropout_p: float, device) -> torch.Tensor:
     return bernoulli_keep_mask(shape, 1.0 - dropout_p, device)
 
 
-class _DropoutAttentionFunction(torch.autograd.Function):
-    """Exact attention with dropout on the probabilities, forward and backward written out for CPU training.
+#: The written-out path runs reduced-precision attention a few heads at a time, so that one chunk's
+#: [b, heads, sq, sk] scores (about this many elements) stay in cache between the matmul, the softmax and the next
+#: matmul; float32 runs in one piece (MKL's batched sgemm does better on the whole batch there, see bench/kernels.py).
+LOW_PRECISION_CHUNK_ELEMENTS = 1 << 21
 
-    ``scaled_dot_product_attention`` with ``dropout_p > 0`` leaves the CPU flash kernel for its math fallback, which
-    scales q and k separately ([b, h, s, d] twice), draws a float dropout mask, divides it by 1 - p and multiplies
-    it into the [b, h, s, s] probabilities, and autograd keeps the probabilities before and after dropout plus the
-    float mask. This function computes the same function in fewer passes over [b, h, s, s] tensors:
 
-    * the softmax scale goes on q once ([b, h, s, d], smaller than the scores when s > d), and the dropout
-      rescaling 1 / (1 - p) on the context ([b, h, s, d]) instead of on the probabilities;
-    * the keep mask is a bool tensor used through ``torch.where`` (no float mask, no type-promotion copy);
-    * backward keeps only the probabilities (before dropout) and the bool mask, recomputes the dropped
-      probabilities with one ``where`` and uses ATen's softmax backward:
-      dP = where(keep, dC v^T, 0) / (1 - p), dS = P * (dP - rowsum(dP * P)), dq = scale dS k, dk = dS^T (scale q),
-      dv = (where(keep, P, 0) / (1 - p))^T dC.
+def _heads_per_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+    b, h, sq, sk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+    if q.dtype == torch.float32 or q.dtype == torch.float64:
+        return h
+    return max(1, min(h, LOW_PRECISION_CHUNK_ELEMENTS // max(1, b * sq * sk)))
 
-    Runs in the inputs' dtype with autocast switched off inside (under bf16 autocast q, k, v arrive in bf16 from
-    the projection); the softmax of half/bf16 scores is computed in fp32 and rounded once.
+
+def _heads(t: Optional[torch.Tensor], chunk: slice) -> Optional[torch.Tensor]:
+    """The chunk's heads of a [b|1, h|1, ...] mask (a mask shared by all heads is returned whole)."""
+    return t if t is None or t.shape[1] == 1 else t[:, chunk]
+
+
+class _WrittenOutAttention(torch.autograd.Function):
+    """Exact attention for CPU training, forward and backward written out: context = dropout(P) v with
+    P = softmax(scale q k^T, masked), optional dropout, run a few heads at a time.
+
+    Used where it beats ``scaled_dot_product_attention`` on a CPU:
+
+    * with dropout: SDPA leaves its flash kernel for the math fallback, which scales q and k separately, draws a
+      float mask, divides it by 1 - p, multiplies it into the probabilities and keeps the probabilities before and
+      after dropout plus that float mask. Here the scale goes on q once ([b, h, s, d], smaller than the scores when
+      s > d), the 1 / (1 - p) on the context, and the keep mask is a bool tensor used through ``torch.where``;
+    * in bf16/fp16 (autocast): the CPU flash kernel runs its block matmuls in reduced precision at a fraction of
+      the machine's bf16 GEMM rate. Here the scores are one bf16 batched matmul per chunk of heads, the softmax reads
+      bf16 and accumulates in float32 (ATen's CPU softmax) and writes bf16 probabilities, which the second matmul
+      reads: Megatron's numerics (its fused scale-mask-softmax takes and returns fp16/bf16, computing in float32).
+
+    Backward keeps the probabilities (before dropout) and the bool mask and recomputes the rest:
+    dP = where(keep, dC v^T, 0) / (1 - p), dS = P * (dP - rowsum(dP * P)) (ATen's softmax backward),
+    dq = scale dS k, dk = dS^T (scale q), dv = (where(keep, P, 0) / (1 - p))^T dC. Memory: the [b, h, sq, sk]
+    probabilities in the input dtype (and the bool mask), what the unfused path keeps too; SDPA keeps less.
+    Autocast is off inside; k and v are brought to q's dtype. q, k, v (and keep) arrive with one shared
+    [b, h] (:func:`attention_written_out` expands broadcast ones outside, where autograd sums their gradients).
     """
 
     @staticmethod
@@ -65,51 +87,89 @@ class _DropoutAttentionFunction(torch.autograd.Function):
         with torch.autocast(device_type=q.device.type, enabled=False):
             k, v = k.to(q.dtype), v.to(q.dtype)
             q_scaled = q * scale
-            scores = torch.matmul(q_scaled, k.transpose(-1, -2))
-            if mask is not None:
-                scores.masked_fill_(mask, float("-inf"))
-            softmax_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-            probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
-            del scores
+            b, h, sq, sk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+            probs = q.new_empty(b, h, sq, sk)
+            context = q.new_empty(b, h, sq, q.shape[-1])
+            per_chunk = _heads_per_chunk(q, k)
+            for first in range(0, h, per_chunk):
+                heads = slice(first, first + per_chunk)
+                scores = torch.matmul(q_scaled[:, heads], k[:, heads].transpose(-1, -2))
+                chunk_mask = _heads(mask, heads)
+                if chunk_mask is not None:
+                    scores.masked_fill_(chunk_mask, float("-inf"))
+                chunk_probs = probs[:, heads]
+                torch.softmax(scores, dim=-1, out=chunk_probs)
+                del scores
+                dropped = chunk_probs if keep is None else torch.where(keep[:, heads], chunk_probs, 0.0)
+                torch.matmul(dropped, v[:, heads], out=context[:, heads])
             if mask is not None:
                 fully_masked = mask.all(dim=-1, keepdim=True)
                 if bool(fully_masked.any()):  # softmax of an all -inf row is NaN; the contract is a zero context
                     probs.masked_fill_(fully_masked, 0.0)
-            context = torch.matmul(torch.where(keep, probs, 0.0), v).mul_(keep_scale)
-        ctx.scale, ctx.keep_scale = scale, keep_scale
+                    context.masked_fill_(fully_masked, 0.0)
+            if keep_scale != 1.0:
+                context.mul_(keep_scale)
+        ctx.scale, ctx.keep_scale, ctx.per_chunk = scale, keep_scale, per_chunk
         ctx.save_for_backward(q_scaled, k, v, probs, keep)
         return context
 
     @staticmethod
     def backward(ctx, grad_context):
         q_scaled, k, v, probs, keep = ctx.saved_tensors
-        grad = grad_context.to(probs.dtype) * ctx.keep_scale
-        grad_v = torch.matmul(torch.where(keep, probs, 0.0).transpose(-1, -2), grad)
-        grad_probs = torch.where(keep, torch.matmul(grad, v.transpose(-1, -2)), 0.0)
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        del grad_probs
-        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_scaled)
+        grad = grad_context.to(probs.dtype)
+        if ctx.keep_scale != 1.0:
+            grad = grad * ctx.keep_scale
+        h = probs.shape[1]
+        grad_q, grad_k, grad_v = torch.empty_like(q_scaled), torch.empty_like(k), torch.empty_like(v)
+        for first in range(0, h, ctx.per_chunk):
+            heads = slice(first, first + ctx.per_chunk)
+            p, g = probs[:, heads], grad[:, heads]
+            chunk_keep = None if keep is None else keep[:, heads]
+            dropped = p if chunk_keep is None else torch.where(chunk_keep, p, 0.0)
+            torch.matmul(dropped.transpose(-1, -2), g, out=grad_v[:, heads])
+            del dropped
+            grad_probs = torch.matmul(g, v[:, heads].transpose(-1, -2))
+            if chunk_keep is not None:
+                grad_probs = torch.where(chunk_keep, grad_probs, 0.0)
+            grad_scores = torch._softmax_backward_data(grad_probs, p, -1, p.dtype)
+            del grad_probs
+            torch.matmul(grad_scores, k[:, heads], out=grad_q[:, heads])
+            grad_q[:, heads].mul_(ctx.scale)
+            torch.matmul(grad_scores.transpose(-1, -2), q_scaled[:, heads], out=grad_k[:, heads])
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
-def attention_dropout_cpu(q, k, v, mask, scale: float, dropout_p: float,
+def attention_written_out(q, k, v, mask, scale: float, dropout_p: float = 0.0,
                           keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Training-mode attention with dropout p on the probabilities (see :class:`_DropoutAttentionFunction`).
-    ``keep`` (bool [b, h, sq, sk]) is drawn from the default generator when not given."""
-    shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
+    """Training-mode attention on a CPU (see :class:`_WrittenOutAttention`), with dropout p on the probabilities
+    when p > 0; ``keep`` (bool [b, h, sq, sk]) is drawn from the default generator when not given."""
+    batch_heads = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    q, k, v = (t.expand(*batch_heads, *t.shape[-2:]) for t in (q, k, v))
+    if dropout_p == 0.0:
+        return _WrittenOutAttention.apply(q, k, v, mask, None, float(scale), 1.0)
+    shape = (*batch_heads, q.shape[-2], k.shape[-2])
     if keep is None:
         keep = attention_keep_mask(shape, dropout_p, q.device)
     elif keep.shape != shape or keep.dtype != torch.bool:
         raise ValueError(f"attention_dropout_cpu: keep must be bool {tuple(shape)}, got {keep.dtype} "
                          f"{tuple(keep.shape)}")
-    return _DropoutAttentionFunction.apply(q, k, v, mask, keep, float(scale), 1.0 / (1.0 - dropout_p))
+    return _WrittenOutAttention.apply(q, k, v, mask, keep, float(scale), 1.0 / (1.0 - dropout_p))
+
+
+def attention_dropout_cpu(q, k, v, mask, scale: float, dropout_p: float,
+                          keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Training-mode attention with dropout p > 0 on the probabilities (:func:`attention_written_out`)."""
+    return attention_written_out(q, k, v, mask, scale, dropout_p, keep)
 
 
 def attention_reference(q, k, v, mask, scale: float, dropout_p: float, training: bool) -> torch.Tensor:
-    if training and dropout_p > 0.0 and not q.is_cuda:
-        # SDPA's CPU flash kernel has no dropout; its math fallback is slower than this written-out path.
-        return attention_dropout_cpu(q, k, v, mask, scale, dropout_p)
+    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if training and dropout_p > 0.0:
+            # SDPA's CPU flash kernel has no dropout; its math fallback is slower than this written-out path.
+            return attention_written_out(q, k, v, mask, scale, dropout_p)
+        if q.dtype in (torch.bfloat16, torch.float16):
+            # The CPU flash kernel's reduced-precision backward is about 2x slower than the written-out path.
+            return attention_written_out(q, k, v, mask, scale)
     attn_mask = None if mask is None else ~mask  # SDPA's bool mask is True = take part
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=dropout_p if training else 0.0, scale=scale)
