@@ -12,10 +12,11 @@ For the Evoformer's gated self-attention with pair bias (AF2 Algorithm 7, MSA ro
 plain path, the tiled path (``tile_size``) and the naive path at N_res 512 and 1024: the tiled path never holds
 the ``[N_seq, H, N_res, N_res]`` logits.
 
-Peak memory: each case runs in its own process with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_), so
-every large tensor is its own mapping and is returned on free; the peak resident set (VmHWM, reset through
-/proc/self/clear_refs after a warm-up) minus the resident set before the measured step is the memory the step
-needed on top of its inputs and weights.
+Each case runs in two fresh processes. Time: with glibc's default allocator, as training runs (freed large blocks
+are reused; pinning the mmap threshold would charge every large temporary its page faults, which training does not
+pay). Peak memory: with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_), so every large tensor is its own
+mapping and is returned on free; the peak resident set (VmHWM, reset through /proc/self/clear_refs after a warm-up)
+minus the resident set before the measured step is the memory the step needed on top of its inputs and weights.
 
 The Triton kernels are not timed: this machine has no CUDA device and Triton's CPU interpreter says nothing about
 GPU speed. The JSON says so, and lists the dispatcher's fallbacks. Run::
@@ -96,6 +97,18 @@ def _core_attention(fused):
     return lambda: op(q, k, v, mask).backward(g)
 
 
+def _core_attention_bf16(impl):
+    """BERT-base attention in bf16 training (q, k, v as autocast hands them over): SDPA's CPU flash kernel, which
+    CoreAttention ran before, against the written-out path it runs now; fp32 for the same shape as a yardstick."""
+    from megatron_protein.kernels.attention import attention_written_out
+    dtype = torch.float32 if impl == "sdpa_fp32" else torch.bfloat16
+    q, k, v = (torch.randn(4, 12, 512, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    if impl == "written_out":
+        return lambda: attention_written_out(q, k, v, None, 0.125).backward(g)
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125).backward(g)
+
+
 def _gated_attention(n_res, fused, tile_size=None):
     torch.manual_seed(0)
     n_seq, c_m, heads, c = 4, 32, 4, 16
@@ -123,6 +136,10 @@ CASES: dict[str, tuple[str, dict[str, Callable]]] = {
                           "reference+compile": lambda: _bias_dropout_add(True, compiled=True)}),
     "core_attention": ("q, k, v [4, 12, 384, 64], padding mask",
                        {"naive": lambda: _core_attention(False), "reference": lambda: _core_attention(True)}),
+    "core_attention_bf16": ("q, k, v [4, 12, 512, 64] bf16, training",
+                            {"sdpa_flash": lambda: _core_attention_bf16("sdpa_flash"),
+                             "written_out": lambda: _core_attention_bf16("written_out"),
+                             "sdpa_fp32": lambda: _core_attention_bf16("sdpa_fp32")}),
 }
 for _n in (512, 1024):
     CASES[f"gated_attention_nres{_n}"] = (
@@ -190,7 +207,10 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown ops {unknown}; choose from {list(CASES)}")
     jobs = [(op, impl) for op in ops for impl in CASES[op][1] if not (args.no_compile and "compile" in impl)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    # Memory in a child with the mmap threshold pinned (every large tensor its own mapping, returned on free);
+    # time in another with glibc's default allocator, as training runs (freed blocks reused, no page faults).
+    memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    timing_env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
     results: dict[str, dict] = {op: {"shape": CASES[op][0]} for op in ops}
     fallbacks: set[str] = set()
     started = time.perf_counter()
@@ -198,11 +218,15 @@ def main(argv=None) -> None:
         elapsed = time.perf_counter() - started
         eta = "" if i == 0 else f", ETA {elapsed / i * (len(jobs) - i):.0f} s"
         print(f"[bench/kernels] {i + 1}/{len(jobs)} {op} {impl}{eta}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", op, impl, "--reps",
-                               str(args.reps)], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench/kernels.py: case {op}/{impl} failed:\n{proc.stderr}")
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs = {}
+        for purpose, env in (("timing", timing_env), ("memory", memory_env)):
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", op, impl, "--reps",
+                                   str(args.reps)], env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench/kernels.py: case {op}/{impl} failed:\n{proc.stderr}")
+            runs[purpose] = json.loads(proc.stdout.strip().splitlines()[-1])
+        measured = runs["timing"]
+        measured["peak_extra_mib"] = runs["memory"]["peak_extra_mib"]
         fallbacks.update(measured.pop("fallbacks"))
         results[op][impl] = measured
     for op in ops:
