@@ -43,7 +43,8 @@ def attention_keep_mask(shape, dropout_p: float, device) -> torch.Tensor:
 
 #: The written-out path runs reduced-precision attention a few heads at a time, so that one chunk's
 #: [b, heads, sq, sk] scores (about this many elements) stay in cache between the matmul, the softmax and the next
-#: matmul; float32 runs in one piece (MKL's batched sgemm does better on the whole batch there, see bench/kernels.py).
+#: matmul (bench/kernels.py, case core_attention_bf16). Float32 runs in one piece: there the batched sgemm did
+#: better on the whole batch than on chunks.
 LOW_PRECISION_CHUNK_ELEMENTS = 1 << 21
 
 
