@@ -1,6 +1,6 @@
 """The CPU training fast paths of the BERT kernels compute what the plain compositions compute.
 
-* :func:`kernels.attention.attention_dropout_cpu` (written-out attention with dropout, used by ``CoreAttention``'s
+* :func:`kernels.attention.attention_written_out` (written-out attention with dropout, used by ``CoreAttention``'s
   reference path in CPU training) against matmul -> masked softmax -> (probs * keep / (1 - p)) -> matmul with the
   same keep mask: outputs and q/k/v gradients in float64, plus torch.autograd.gradcheck; fully masked query rows
   give zeros; bf16 under autocast stays close to the fp32 result.
@@ -16,8 +16,7 @@ import torch
 
 from megatron_protein.kernels import bias_dropout_add as bda
 from megatron_protein.kernels import attention as attention_module
-from megatron_protein.kernels.attention import (CoreAttention, attention_dropout_cpu, attention_keep_mask,
-                                                attention_written_out)
+from megatron_protein.kernels.attention import CoreAttention, attention_keep_mask, attention_written_out
 from megatron_protein.kernels.softmax import softmax_unfused
 
 
@@ -43,14 +42,14 @@ def test_attention_dropout_matches_plain_composition(mask_index):
     mask = _masks(b, s)[mask_index]
     keep = attention_keep_mask((b, h, s, s), p, "cpu")
     assert keep.dtype == torch.bool and not bool(keep.all())
-    out = attention_dropout_cpu(q, k, v, mask, 1 / math.sqrt(d), p, keep)
+    out = attention_written_out(q, k, v, mask, 1 / math.sqrt(d), p, keep)
     ref = _plain(q, k, v, mask, keep, 1 / math.sqrt(d), p)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(out)
     for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad_out),
                             torch.autograd.grad(ref, (q, k, v), grad_out)):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda q, k, v: attention_dropout_cpu(q, k, v, mask, 0.4, p, keep), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention_written_out(q, k, v, mask, 0.4, p, keep), (q, k, v))
     if mask_index == 2:
         assert torch.equal(out[1, :, 2], torch.zeros_like(out[1, :, 2]))
 
@@ -62,18 +61,18 @@ def test_attention_dropout_strided_views_and_bf16_autocast():
     qkv = torch.randn(b, s, h, 3, d, requires_grad=True)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))
     keep = attention_keep_mask((b, h, s, s), p, "cpu")
-    out = attention_dropout_cpu(q, k, v, None, 1 / math.sqrt(d), p, keep)
+    out = attention_written_out(q, k, v, None, 1 / math.sqrt(d), p, keep)
     ref = _plain(q, k, v, None, keep, 1 / math.sqrt(d), p)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(out.square().sum(), qkv)
     (grad_ref,) = torch.autograd.grad(ref.square().sum(), qkv)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = attention_dropout_cpu(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 1 / math.sqrt(d), p, keep)
+        low = attention_written_out(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, 1 / math.sqrt(d), p, keep)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), out, rtol=5e-2, atol=5e-2)
     with pytest.raises(ValueError, match="keep must be bool"):
-        attention_dropout_cpu(q, k, v, None, 1.0, p, keep.float())
+        attention_written_out(q, k, v, None, 1.0, p, keep.float())
 
 
 @pytest.mark.parametrize("mask_index", [0, 1, 2])
@@ -104,7 +103,7 @@ def test_written_out_attention_sums_gradients_of_broadcast_heads_and_batch():
     assert torch.autograd.gradcheck(lambda q, k, v: attention_written_out(q, k, v, None, 0.5), (q, k, v))
     p = 0.25
     keep = attention_keep_mask((2, 4, 5, 6), p, "cpu")
-    assert torch.autograd.gradcheck(lambda q, k, v: attention_dropout_cpu(q, k, v, None, 0.5, p, keep), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention_written_out(q, k, v, None, 0.5, p, keep), (q, k, v))
 
 
 def test_core_attention_bf16_training_path_is_close_to_float64():

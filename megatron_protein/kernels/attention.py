@@ -152,15 +152,9 @@ def attention_written_out(q, k, v, mask, scale: float, dropout_p: float = 0.0,
     if keep is None:
         keep = attention_keep_mask(shape, dropout_p, q.device)
     elif keep.shape != shape or keep.dtype != torch.bool:
-        raise ValueError(f"attention_dropout_cpu: keep must be bool {tuple(shape)}, got {keep.dtype} "
+        raise ValueError(f"attention_written_out: keep must be bool {tuple(shape)}, got {keep.dtype} "
                          f"{tuple(keep.shape)}")
     return _WrittenOutAttention.apply(q, k, v, mask, keep, float(scale), 1.0 / (1.0 - dropout_p))
-
-
-def attention_dropout_cpu(q, k, v, mask, scale: float, dropout_p: float,
-                          keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Training-mode attention with dropout p > 0 on the probabilities (:func:`attention_written_out`)."""
-    return attention_written_out(q, k, v, mask, scale, dropout_p, keep)
 
 
 def attention_reference(q, k, v, mask, scale: float, dropout_p: float, training: bool) -> torch.Tensor:
