@@ -10,6 +10,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "lmdb>=1.4",
     "scipy>=1.11",
+    # MSAs: jackhmmer in process and easel's Stockholm reader (megatron_protein/data/msa.py).
+    "pyhmmer>=0.10",
 ]
 
 EXTRAS = {
@@ -18,6 +20,9 @@ EXTRAS = {
     "kernels": ["triton==3.9.0"],
     # Peers for benchmarks and the Hugging Face export of the converter.
     "hf": ["transformers>=4.40", "fair-esm>=2.0"],
+    # OpenFold's pure-Python import dependencies (besides scipy), for bench/evoformer.py and the tests that compare
+    # the Evoformer with OpenFold's; OpenFold itself is unpacked outside the repo (see docs/evoformer.md).
+    "bench": ["dm-tree>=0.1.8", "biopython>=1.80", "modelcif>=1.0"],
 }
 
 setup(

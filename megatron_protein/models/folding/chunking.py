@@ -1,0 +1,86 @@
+"""Memory options of the Evoformer: chunked inference (supplement 1.11.8) and per-block activation recompute.
+
+* :func:`chunk_layer` runs a layer over slices of its batch-like dimensions and writes each slice's result into one
+  output tensor, so the layer's intermediates (attention logits, the 4x-wide transition hidden, the outer product)
+  exist for one chunk at a time. It is exact: every module it is used on treats those dimensions independently
+  (MSA rows in row attention, columns in column attention, positions in the transitions, the first residue in the
+  outer product mean, pair rows in triangle attention), so chunked and unchunked results are the same function.
+  The modules take ``chunk_size`` in ``forward`` (OpenFold's and AlphaFold's inference knob, ``--chunk_size``);
+  ``None`` means no chunking, the training default.
+* :func:`checkpoint_block` recomputes a block's activations in backward (``torch.utils.checkpoint``,
+  non-reentrant, RNG state preserved so dropout draws the same masks): gradients equal those without recompute.
+* Tiled attention for long sequences is a kernel choice (``FusionConfig(attention_tile_size=...)``), made when the
+  block is built; it changes memory, not results.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.utils.checkpoint
+
+
+def _batch_shape(inputs: Sequence[Optional[torch.Tensor]], num_batch_dims: int) -> torch.Size:
+    shapes = []
+    for t in inputs:
+        if t is None:
+            continue
+        if t.dim() < num_batch_dims:
+            raise ValueError(f"chunk_layer: an input of shape {tuple(t.shape)} has fewer than the "
+                             f"{num_batch_dims} batch dimensions being chunked")
+        shapes.append(t.shape[:num_batch_dims])
+    if not shapes:
+        raise ValueError("chunk_layer: no tensor inputs")
+    return torch.broadcast_shapes(*shapes)
+
+
+def chunk_layer(fn: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]], chunk_size: int,
+                num_batch_dims: int) -> torch.Tensor:
+    """``fn(*inputs)`` computed ``chunk_size`` entries of the last of the leading ``num_batch_dims`` dims at a time.
+
+    Every input carries those leading dims (size 1 where it is shared, e.g. a bias broadcast over MSA rows; such a
+    dim is never sliced); ``None`` inputs pass through. ``fn`` must map inputs of batch shape ``[1.., n]`` to one
+    tensor with that leading batch shape. The chunks are views (nothing is copied or expanded, so a bias shared
+    over rows stays one tensor); with several leading batch entries (a batch of proteins) each is chunked in turn.
+    Each chunk's result is written into one preallocated output, so no list of pieces is concatenated at the end.
+    """
+    if chunk_size is None or chunk_size <= 0:
+        raise ValueError(f"chunk_layer: chunk_size must be a positive int, got {chunk_size!r}")
+    if num_batch_dims < 1:
+        raise ValueError(f"chunk_layer: num_batch_dims must be at least 1, got {num_batch_dims}")
+    batch_shape = _batch_shape(inputs, num_batch_dims)
+    last = num_batch_dims - 1
+    length = batch_shape[last]
+    if length <= chunk_size and math.prod(batch_shape[:last]) == 1:
+        return fn(*inputs)
+
+    def select(t: Optional[torch.Tensor], lead: tuple, start: int, end: int) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        index = tuple(slice(i, i + 1) if t.shape[d] != 1 else slice(None) for d, i in enumerate(lead))
+        t = t[index]
+        return t if t.shape[last] == 1 else t.narrow(last, start, end - start)
+
+    out = None
+    for lead in itertools.product(*(range(n) for n in batch_shape[:last])):
+        for start in range(0, length, chunk_size):
+            end = min(start + chunk_size, length)
+            y = fn(*(select(t, lead, start, end) for t in inputs))
+            if out is None:
+                out = y.new_empty((*batch_shape, *y.shape[num_batch_dims:]))
+            out[tuple(slice(i, i + 1) for i in lead)].narrow(last, start, end - start).copy_(y)
+            del y
+    return out
+
+
+def checkpoint_block(fn: Callable[..., tuple], *args, **kwargs):
+    """``fn(*args, **kwargs)`` with its activations recomputed in backward (non-reentrant checkpoint).
+
+    Only when autograd is recording; otherwise (inference) ``fn`` just runs. The RNG state is saved and restored
+    for the recompute, so dropout masks are the same and so are the gradients.
+    """
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
