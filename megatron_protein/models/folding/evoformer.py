@@ -99,6 +99,9 @@ class EvoformerBlock(torch.nn.Module):
     """Algorithm 6 (one iteration): ``(m [*, S, R, c_m], z [*, R, R, c_z], msa_mask [*, S, R], pair_mask
     [*, R, R]) -> (m, z)``; see the module docstring. ``chunk_size`` chunks every module for inference."""
 
+    #: This block calls the DAP/BP hooks, so it may run on split activations (``dap.require_hooks``).
+    parallel_hooks = True
+
     def __init__(self, config: EvoformerConfig):
         super().__init__()
         c, f = config, config.fusion
@@ -161,9 +164,12 @@ class EvoformerBlock(torch.nn.Module):
         mask_row = dap.local_slice(pair_mask, -2)  # [*, R/n, R]
         mask_col = dap.local_slice(pair_mask, -1)  # [*, R, R/n]
         z = self._new(self._dropout_add(self.pair_dropout_rowwise, self.tri_mul_out(z, mask_row), z))
-        z = dap.row_to_col(z)  # [*, R/n, R, c_z] -> [*, R, R/n, c_z]
-        z = self._new(self._dropout_add(self.pair_dropout_rowwise, self.tri_mul_in(z, mask_col), z))
-        z = dap.col_to_row(z)
+        # Incoming runs in column layout; its update goes back to row layout before the row-wise dropout-add, so the
+        # mask shared along rows is drawn at its full [1, R, c_z] on every rank (in column layout each rank would
+        # draw [1, R/n, c_z] and the ranks' column blocks would repeat one pattern). Same all_to_all count.
+        update = dap.col_to_row(self.tri_mul_in(dap.row_to_col(z), mask_col))  # [*, R/n, R, c_z]
+        z = self._new(self._dropout_add(self.pair_dropout_rowwise, update, z))
+        del update
         z = self._new(self._dropout_add(self.pair_dropout_rowwise, self.tri_att_start(z, mask_row, chunk_size), z))
         z = dap.row_to_col(z)
         z = self._new(self._dropout_add(self.pair_dropout_columnwise, self.tri_att_end(z, mask_col, chunk_size), z))
@@ -211,15 +217,26 @@ class EvoformerStack(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(EvoformerBlock(config) for _ in range(config.num_blocks))
         self.linear = Linear(config.c_m, config.c_s)
 
-    def run_blocks(self, m, z, msa_mask, pair_mask, chunk_size):
+    def run_blocks(self, m, z, msa_mask, pair_mask, chunk_size, return_msa: bool = True):
+        """Scatter to row layout, run the blocks, gather. Sizes must divide the dap degree (the trunk,
+        ``DistEmbeddingsAndEvoformer``, pads them). With the Parallel Evoformer the blocks sit between
+        ``bp.enter_stack`` and ``bp.exit_stack`` (the MSA stays on the MSA-branch rank inside the stack).
+        ``return_msa=False`` (the extra-MSA stack) skips gathering an MSA nobody reads and returns ``(None, z)``."""
         check_masks(type(self).__name__, m, z, msa_mask, pair_mask)
         m = dap.scatter(m, dim=-3)  # row layout: [*, S/n, R, c_m]
         z = dap.scatter(z, dim=-3)  # [*, R/n, R, c_z]
+        branched = self.config.outer_product_mean_position == "end"
+        if branched:
+            m, z = bp.enter_stack(m, z)
         for block in self.blocks:
             if self.config.recompute:
                 m, z = checkpoint_block(block, m, z, msa_mask, pair_mask, chunk_size)
             else:
                 m, z = block(m, z, msa_mask, pair_mask, chunk_size)
+        if not return_msa:
+            return None, dap.gather(z, dim=-3)
+        if branched:
+            m = bp.exit_stack(m)
         return dap.gather(m, dim=-3), dap.gather(z, dim=-3)
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
@@ -246,7 +263,7 @@ class ExtraMSAStack(EvoformerStack):
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
                 pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
-        _, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size)
+        _, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, return_msa=False)
         return z
 
 
