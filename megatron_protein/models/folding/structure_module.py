@@ -212,6 +212,7 @@ def backbone_atoms(frames: Rigid, aatype: torch.Tensor, residue_index: Optional[
     o_index = rc.atom_order["O"]
     positions = positions.clone()
     positions[..., o_index, :] = o_global
+    mask = mask.clone()  # the product above saved ``mask`` for backward: do not modify it in place
     mask[..., o_index] = 1.0
     if seq_mask is not None:
         mask = mask * seq_mask[..., None]
