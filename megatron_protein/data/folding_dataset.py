@@ -207,7 +207,7 @@ class StructureFileChains:
 class MsaDirectory:
     """MSAs by chain id: ``<dir>/<chain_id>.a3m`` (or ``.sto``), first folder that has one wins."""
 
-    EXTENSIONS = (".a3m", ".sto")
+    EXTENSIONS = (".a3m", ".a3m.gz", ".sto")
 
     def __init__(self, directories: Union[None, str, Sequence[str]] = DEFAULT_MSA_DIR):
         if directories is None:
