@@ -360,14 +360,15 @@ class FoldingBatches:
 
     Each step consumes a global batch of ``batch_size * dp_world_size`` samples of the stream; this rank
     collates its ``batch_size`` of them (``pad_residues`` defaults to the crop size, so every batch has the same
-    residue dimension). ``state_dict()`` / ``load_state_dict()`` save and restore ``consumed_samples`` (the count
+    residue dimension; MSA rows are padded to the batch's largest, or with ``fixed_msa_rows`` to the config's
+    ``max_msa_clusters`` / ``max_extra_msa``). ``state_dict()`` / ``load_state_dict()`` save and restore ``consumed_samples`` (the count
     of samples of every rank before the next batch), so a resumed run sees exactly the batches it would have seen.
     ``num_workers`` > 0 builds examples in a torch DataLoader's worker processes; the order is the same.
     """
 
     def __init__(self, dataset: FoldingDataset, batch_size: int, dp_rank: int = 0, dp_world_size: int = 1,
                  consumed_samples: int = 0, pad_residues: Optional[int] = None, multiple_of: int = 1,
-                 num_workers: int = 0):
+                 num_workers: int = 0, fixed_msa_rows: bool = False):
         if batch_size < 1 or not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"batch_size={batch_size}, dp_rank={dp_rank}, dp_world_size={dp_world_size}")
         self.dataset = dataset
@@ -378,6 +379,9 @@ class FoldingBatches:
         self.pad_residues = dataset.config.crop_size if pad_residues is None else pad_residues
         self.multiple_of = multiple_of
         self.num_workers = num_workers
+        # Fixed shapes (the config's maxima) instead of the batch's largest MSA: every step and rank the same.
+        self.pad_msa_rows = dataset.config.max_msa_clusters if fixed_msa_rows else None
+        self.pad_extra_rows = max(1, dataset.config.max_extra_msa) if fixed_msa_rows else None
         self._iterator = None
 
     @property
@@ -390,7 +394,8 @@ class FoldingBatches:
         return list(range(first, first + self.batch_size))
 
     def collate(self, examples):
-        return collate_features(examples, pad_residues=self.pad_residues, multiple_of=self.multiple_of)
+        return collate_features(examples, pad_residues=self.pad_residues, pad_msa_rows=self.pad_msa_rows,
+                                pad_extra_rows=self.pad_extra_rows, multiple_of=self.multiple_of)
 
     def _batches(self) -> Iterator[Dict]:
         if self.num_workers == 0:
