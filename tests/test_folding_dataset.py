@@ -196,3 +196,27 @@ def test_bad_chain_files(tmp_path):
         NpzChains(str(tmp_path / "partial.npz"))
     with pytest.raises(FoldingDataError, match="no chain has split 'test'"):
         NpzChains(split="test")
+
+
+def test_structure_files_give_the_same_features(tmp_path):
+    """PDB and mmCIF files of the repository (data/structures/pdb) through the structure reader."""
+    from megatron_protein.data.folding_dataset import StructureFileChains, increasing_residue_index
+
+    pdb_dir = os.path.join(os.path.dirname(DEFAULT_CHAINS), "pdb")
+    mmcif = StructureFileChains(os.path.join(pdb_dir, "mmcif", "5PTI.cif"))
+    record = mmcif[0]
+    assert record.chain_id == "5PTI_A" and record.sequence.startswith("RPDFCLEPPYTGPCKARIIRYFYNAKAGLCQTFVYGG")
+    pdbs = StructureFileChains(os.path.join(pdb_dir, "dssp_pdb"))
+    assert len(pdbs) == 40 and all(f.endswith(".pdb") for f in pdbs.files)
+    config = dataclasses.replace(SMALL, crop_size=32)
+    for chains in (mmcif, StructureFileChains([pdbs.files[0], pdbs.files[1]])):
+        dataset = FoldingDataset(chains, msas=None, config=config)
+        for i in range(len(chains)):
+            features = dataset.train_example(i)
+            ff.check_example(features)
+            assert (np.diff(features["residue_index"]) > 0).all()
+            assert features["backbone_rigid_mask"].sum() > 0.9 * features["aatype"].shape[0]
+            assert dataset.msa_depth(i) == 1 and not features["profile_mask"].any()
+    np.testing.assert_array_equal(increasing_residue_index(np.array([5, 6, 6, 6, 9, 1])), [5, 6, 7, 8, 11, 12])
+    with pytest.raises(FoldingDataError, match="no PDB/mmCIF files"):
+        StructureFileChains(str(tmp_path))

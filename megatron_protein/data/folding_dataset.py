@@ -150,13 +150,29 @@ class NpzChains:
         return ChainRecord(chain_id, sequence, residue_index, positions, mask, profile, source=self.path)
 
 
+def increasing_residue_index(author_numbers: np.ndarray) -> np.ndarray:
+    """Author residue numbers made strictly increasing, keeping the gaps of missing residues.
+
+    The relative-position encoding (supplement 1.6.4) reads ``residue_index`` differences, so two residues must
+    never share an index: insertion codes (52, 52A, 52B) and numbering that restarts would give them one. Each
+    step is ``max(1, number[i] - number[i-1])``; the first residue keeps its number. Files with plain increasing
+    numbering are unchanged.
+    """
+    numbers = np.asarray(author_numbers, np.int64)
+    if len(numbers) == 0:
+        return numbers
+    steps = np.maximum(1, np.diff(numbers))
+    return np.concatenate([numbers[:1], numbers[0] + np.cumsum(steps)]).astype(np.int64)
+
+
 class StructureFileChains:
     """Chains read from PDB/mmCIF files (gzipped too) by :func:`megatron_protein.structure.io.read_chain`.
 
     ``paths``: a folder (every ``*.pdb``, ``*.cif``, ``*.ent`` and their ``.gz``), a glob, or a list of files.
     ``chain``: the chain to take from every file (default: the first protein chain). The chain id of a record is
     the file name without extensions, plus ``_<chain>`` (e.g. ``5PTI_A``), which is the name its MSA must have.
-    Files are read when first asked for and kept.
+    ``residue_index`` is the author numbering made strictly increasing (:func:`increasing_residue_index`).
+    Files are read when first asked for and kept; a bad file raises the structure reader's error naming it.
     """
 
     PATTERNS = ("*.pdb", "*.cif", "*.ent", "*.mmcif", "*.pdb.gz", "*.cif.gz", "*.ent.gz", "*.mmcif.gz")
@@ -190,7 +206,7 @@ class StructureFileChains:
                     stem = stem[: -len(extension)]
             self._records[i] = ChainRecord(
                 chain_id=f"{stem}_{protein.chain_id}", sequence=protein.sequence,
-                residue_index=np.asarray(protein.residue_index, np.int64),
+                residue_index=increasing_residue_index(protein.residue_index),
                 all_atom_positions=np.asarray(protein.atom_positions, np.float32),
                 all_atom_mask=np.asarray(protein.atom_mask, np.float32), profile=None, source=path)
         return self._records[i]
