@@ -220,3 +220,19 @@ def test_structure_files_give_the_same_features(tmp_path):
     np.testing.assert_array_equal(increasing_residue_index(np.array([5, 6, 6, 6, 9, 1])), [5, 6, 7, 8, 11, 12])
     with pytest.raises(FoldingDataError, match="no PDB/mmCIF files"):
         StructureFileChains(str(tmp_path))
+
+
+def test_cli_checks_a_data_set_and_fails_in_one_line(tmp_path, capsys):
+    from megatron_protein.data.folding_dataset import main
+
+    cif = os.path.join(os.path.dirname(DEFAULT_CHAINS), "pdb", "mmcif", "5PTI.cif")
+    assert main(["--structures", cif, "--msas"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["chains"] == 1 and summary["with_msa"] == 0
+    assert main(["--structures", cif, "--chain", "Q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {cif}: no protein chain 'Q'") and "\n" not in err
+    (tmp_path / "5PTI_A.a3m").write_text(">q\nACDE\n")
+    assert main(["--structures", cif, "--msas", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "5PTI_A.a3m: record 'q': the MSA's query has 4 residues" in err and "\n" not in err

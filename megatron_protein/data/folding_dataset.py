@@ -470,3 +470,58 @@ def eval_batches(dataset: FoldingDataset, batch_size: int = 1, use_profile: bool
         indices = range(first, min(first + batch_size, len(dataset)))
         examples = [dataset.eval_example(i, use_profile=use_profile) for i in indices]
         yield [dataset.chain_id(i) for i in indices], collate_features(examples, multiple_of=multiple_of)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Check a folding data set end to end and print a JSON summary: every chain read, its MSA found and checked
+    against its sequence, one training and one evaluation example built. Bad input: one ``error:`` line, exit 2."""
+    import argparse
+    import json
+    import sys
+    import time
+
+    from megatron_protein.data.readers import InputFormatError
+    from megatron_protein.structure.io import StructureError
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_protein.data.folding_dataset",
+                                     description=main.__doc__.split(".")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--chains", default=None, help=f"chains.npz-format file (default: {DEFAULT_CHAINS})")
+    source.add_argument("--structures", default=None, help="folder, glob or file of PDB/mmCIF structures")
+    parser.add_argument("--split", default=None, help="train or valid (chains.npz files with a split key)")
+    parser.add_argument("--chain", default=None, help="chain id to read from every structure file")
+    parser.add_argument("--msas", nargs="*", default=[DEFAULT_MSA_DIR],
+                        help="folders of <chain id>.a3m[.gz]/.sto files (none: single-sequence mode)")
+    parser.add_argument("--crop-size", type=int, default=ff.FeatureConfig.crop_size)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        chains = (StructureFileChains(args.structures, chain=args.chain) if args.structures
+                  else NpzChains(args.chains or DEFAULT_CHAINS, split=args.split))
+        dataset = FoldingDataset(chains, msas=args.msas, config=ff.FeatureConfig(crop_size=args.crop_size),
+                                 seed=args.seed)
+        start = time.time()
+        depths = np.array([dataset.msa_depth(i) for i in range(len(dataset))])
+        lengths = np.array([len(chains[i].sequence) for i in range(len(dataset))])
+        read_seconds = time.time() - start
+        start = time.time()
+        for i in range(len(dataset)):
+            ff.check_example(dataset.train_example(i))
+            ff.check_example(dataset.eval_example(i))
+        example_seconds = (time.time() - start) / (2 * len(dataset))
+    except (InputFormatError, StructureError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with_msa = depths[depths > 1]
+    print(json.dumps({
+        "chains": len(dataset), "residues": int(lengths.sum()),
+        "length": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max())},
+        "with_msa": int(len(with_msa)), "median_msa_depth_of_those": float(np.median(with_msa)) if len(with_msa)
+        else 0.0, "max_msa_depth": int(depths.max()), "read_seconds": round(read_seconds, 2),
+        "seconds_per_example": round(example_seconds, 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
