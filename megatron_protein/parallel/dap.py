@@ -38,7 +38,8 @@ same numbers; that needs the ranks' generators in step, which ``scg.init_process
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ __all__ = [
     "get_world_size", "get_rank_in_group", "is_enabled",
     "row_to_col", "col_to_row", "row_to_col_async", "col_to_row_async",
     "all_gather", "all_gather_async", "scatter", "gather", "local_slice",
-    "padded_size", "pad", "shared_dropout", "require_hooks", "grad_sync",
+    "padded_size", "pad", "shared_dropout", "require_hooks", "grad_sync", "set_async", "synchronous",
 ]
 
 #: The name of the axis in ``scg.init_process_group(parallel_degree=[..., ('dap', n), ...])``.
@@ -102,17 +103,47 @@ def col_to_row(x: torch.Tensor, groups: Optional[scg.ParallelGroups] = None) -> 
     return C.all_to_all(x, scatter_dim=ROW_DIM, gather_dim=COL_DIM, group=_group(groups))
 
 
+_ASYNC = True
+
+
+def set_async(enabled: bool) -> bool:
+    """Make the ``*_async`` hooks start their collective and return at once (True, the default) or complete it
+    before returning (False: the sync mode, for comparison and debugging). Returns the previous setting. The
+    values are the same either way; only the overlap differs."""
+    global _ASYNC
+    previous, _ASYNC = _ASYNC, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def synchronous() -> Iterator[None]:
+    """``with dap.synchronous():`` runs every ``*_async`` hook as its synchronous twin (see :func:`set_async`)."""
+    previous = set_async(False)
+    try:
+        yield
+    finally:
+        set_async(previous)
+
+
+def _completed(y: torch.Tensor):
+    return y, C.AsyncHandle(y)
+
+
 def row_to_col_async(x: torch.Tensor, groups: Optional[scg.ParallelGroups] = None):
     """Start :func:`row_to_col`; returns ``(y, handle)``. Read ``y`` only through ``y = handle.wait()``.
 
     FastFold's Duality Async Operation: computation placed between the start and the wait (the pair stack while
     the MSA is re-laid out) overlaps the exchange, in forward and in backward.
     """
+    if not _ASYNC:
+        return _completed(row_to_col(x, groups))
     return C.all_to_all_async(x, scatter_dim=COL_DIM, gather_dim=ROW_DIM, group=_group(groups))
 
 
 def col_to_row_async(x: torch.Tensor, groups: Optional[scg.ParallelGroups] = None):
     """Start :func:`col_to_row`; returns ``(y, handle)``. Read ``y`` only through ``y = handle.wait()``."""
+    if not _ASYNC:
+        return _completed(col_to_row(x, groups))
     return C.all_to_all_async(x, scatter_dim=ROW_DIM, gather_dim=COL_DIM, group=_group(groups))
 
 
@@ -131,6 +162,8 @@ def all_gather(x: torch.Tensor, dim: int, groups: Optional[scg.ParallelGroups] =
 def all_gather_async(x: torch.Tensor, dim: int, groups: Optional[scg.ParallelGroups] = None):
     """Start :func:`all_gather`; returns ``(y, handle)``; ``y = handle.wait()`` before reading it (FastFold
     starts the pair-bias gather of row attention this way and waits after the QKV projection)."""
+    if not _ASYNC:
+        return _completed(all_gather(x, dim, groups))
     return C.all_gather_async(x, dim, _group(groups))
 
 
