@@ -67,7 +67,7 @@ def batches(global_batch: int):
     return [deep[step * global_batch:(step + 1) * global_batch] for step in range(STEPS)]
 
 
-def test_loss(outputs: dict, batch: dict) -> torch.Tensor:
+def loss_of_every_head(outputs: dict, batch: dict) -> torch.Tensor:
     """Per-example masked terms of every head, averaged over the batch (as the model's loss is)."""
     seq = batch["seq_mask"].float()
     pair = seq[..., :, None] * seq[..., None, :]
@@ -123,7 +123,7 @@ def train(cfg, step_batches, groups: scg.ParallelGroups, async_dap: bool = True,
             batch = collate_features(local)
             fused.zero_grad()
             outputs = model(batch, num_recycles=num_recycles(step))
-            loss = test_loss(outputs, batch)
+            loss = loss_of_every_head(outputs, batch)
             loss.backward()
             collectives.append((bp.grad_sync(optimizer.param_groups), dap.grad_sync(optimizer.param_groups)))
             dp.grad_sync(optimizer.param_groups)
@@ -259,3 +259,83 @@ def test_trunk_is_the_model_trunk_at_degree_one():
     model = AlphaFold(tiny_config())
     assert isinstance(model.trunk, DistEmbeddingsAndEvoformer)
     assert not any(isinstance(m, DistEmbeddingsAndEvoformer) for m in model.trunk.modules() if m is not model.trunk)
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+INFER_TOL = dict(atol=1e-4, rtol=1e-4)   # positions in Angstrom, logits; float32, chunked
+
+
+def infer(cfg, example, chunk_size):
+    torch.manual_seed(1234)
+    model = AlphaFold(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=PERTURB)
+    dp.param_sync(model, src_rank=0)
+    model.eval()
+    batch = collate_features([example])
+    with torch.no_grad():
+        out = model(batch, num_recycles=2, chunk_size=chunk_size)
+    return {k: out[k] for k in ("positions", "plddt", "distogram_logits", "masked_msa_logits", "single")}
+
+
+def _infer_worker(layout, chunk_sizes):
+    scg.init_process_group(parallel_degree=layout, seed=0)
+    example = batches(1)[0][0]
+    return {c: infer(tiny_config("middle"), example, c) for c in chunk_sizes}
+
+
+@pytest.mark.slow
+def test_dap2_inference_equals_one_process():
+    chunk_sizes = (None, 4)
+    example = batches(1)[0][0]
+    with scg.as_single_process():
+        ref = {c: infer(tiny_config("middle"), example, c) for c in chunk_sizes}
+    results = run_distributed(_infer_worker, 2, [("dp", None), ("dap", 2)], chunk_sizes, timeout=300)
+    for rank, per_chunk in enumerate(results):
+        for c, out in per_chunk.items():
+            for key, expected in ref[c].items():
+                torch.testing.assert_close(out[key], expected, **INFER_TOL,
+                                           msg=lambda m: f"rank {rank} chunk_size {c} {key}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+class BlockWithoutHooks(torch.nn.Module):
+    """A block with the Evoformer block's signature that never calls the dap/bp hooks (e.g. a peer's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, m, z, msa_mask=None, pair_mask=None, chunk_size=None):
+        return m * self.scale, z * self.scale
+
+
+def _model_without_hooks_worker():
+    scg.init_process_group(parallel_degree=[("dp", None), ("dap", 2), ("bp", 1)], seed=0)
+    model = AlphaFold(tiny_config("middle"))
+    model.trunk.evoformer.blocks[1] = BlockWithoutHooks()
+    model(collate_features(batches(1)[0]), num_recycles=0)   # raises on every rank before any collective
+
+
+@pytest.mark.slow
+def test_dap_with_a_block_without_hooks_fails_on_every_rank_before_any_collective():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_model_without_hooks_worker, 2, timeout=120)
+    text = str(info.value)
+    assert "2 of 2 ranks failed" in text and text.count("DAPHookError") >= 2, text
+    assert "BlockWithoutHooks does not" in text and "parallel_hooks = True" in text
+
+
+def test_bp_without_the_parallel_evoformer_is_refused():
+    trunk = AlphaFold(tiny_config("middle")).trunk
+    layout = scg.ParallelGroups(axes=("dp", "dap", "bp"), degrees={"dp": 1, "dap": 1, "bp": 2})
+    with pytest.raises(scg.ParallelConfigError, match="outer_product_mean_position=end"):
+        trunk.check_parallel(layout)
+    AlphaFold(tiny_config("end")).trunk.check_parallel(layout)      # the Parallel Evoformer is accepted
+    trunk.evoformer.blocks[0] = BlockWithoutHooks()
+    with pytest.raises(dap.DAPHookError, match="BlockWithoutHooks"):
+        trunk.check_parallel(scg.ParallelGroups(axes=("dp", "dap"), degrees={"dp": 1, "dap": 2}))
+    trunk.check_parallel(scg.ParallelGroups(axes=("dp",), degrees={"dp": 1}))   # degree 1: any block runs
