@@ -10,6 +10,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "lmdb>=1.4",
     "scipy>=1.11",
+    # Plots of the folding launcher (loss curve, pLDDT along the chain).
+    "matplotlib>=3.7",
     # MSAs: jackhmmer in process and easel's Stockholm reader (megatron_protein/data/msa.py).
     "pyhmmer>=0.10",
 ]
