@@ -64,9 +64,15 @@ def tm_d0(reference_length: int) -> float:
 def kabsch(mobile: np.ndarray, target: np.ndarray, weights: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Rotation ``R [3, 3]`` and translation ``t [3]`` minimising ``sum_i w_i |R x_i + t - y_i|^2`` (Kabsch 1976),
     a proper rotation (det +1). ``mobile``/``target`` ``[L, 3]``, ``weights [L]`` (default all 1)."""
-    w = np.ones(len(mobile)) if weights is None else np.asarray(weights, dtype=np.float64)
-    rot, trans = _kabsch_batched(np.asarray(mobile, np.float64), np.asarray(target, np.float64), w[None])
-    return rot[0], trans[0]
+    x, y = np.asarray(mobile, np.float64), np.asarray(target, np.float64)
+    if weights is not None:
+        rot, trans = _kabsch_batched(x, y, np.asarray(weights, dtype=np.float64)[None])
+        return rot[0], trans[0]
+    cx, cy = x.mean(0), y.mean(0)
+    u, _, vt = np.linalg.svd((x - cx).T @ (y - cy))
+    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
+    rot = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    return rot, cy - rot @ cx
 
 
 def _kabsch_batched(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
