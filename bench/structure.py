@@ -17,6 +17,14 @@ Per metric, the total seconds over all chains for ours and for the reference tha
 - RMSD: ``metrics.rmsd`` vs ``biotite.structure.superimpose`` + ``rmsd``.
 - GDT-TS/HA: ours only (no GDT implementation on PyPI to compare against; said so in the JSON).
 
+Feature building (``megatron_protein.data.folding_features``, the f-features pipeline) per chain of the repo's
+embedded set (``data/structures/chains_sample.npz`` with its shipped MSAs): raw features (sequence, MSA read,
+targets) and a whole-chain example (``FoldingDataset.eval_example``: MSA sampling, masking, clustering, msa_feat,
+profile), ours alone; and the deterministic steps that OpenFold's ``data_transforms`` also implement
+(``nearest_neighbor_clusters``, ``summarize_clusters``, ``make_msa_feat``, pseudo-beta, backbone frames) on the same
+sampled, masked MSA, ours vs OpenFold's in the same run when OpenFold imports (``--openfold DIR``, default
+``$OPENFOLD_DIR`` or /work/peers/openfold, with /work/shared/peers/stubs), else ours alone (said so in the JSON).
+
 Also the largest absolute difference to the reference over the chains. Prints one JSON object and writes it to
 ``--out``. Timings are wall-clock on a shared machine: the 1-minute load average before and after is recorded.
 """
@@ -97,11 +105,109 @@ def timed(fn, cases):
     return time.perf_counter() - t, np.asarray(values, dtype=np.float64)
 
 
+def _import_openfold(directory: str, stubs: str):
+    if not os.path.isdir(os.path.join(directory, "openfold")):
+        return None, f"OpenFold not found at {directory}"
+    sys.path[:0] = [stubs, directory]
+    try:
+        from openfold.data import data_transforms
+
+        return data_transforms, None
+    except ImportError as err:
+        return None, f"OpenFold's data transforms do not import: {err}"
+
+
+def feature_benchmark(args) -> dict:
+    """Feature building per chain: ours (whole pipeline) and the shared deterministic steps vs OpenFold."""
+    import dataclasses
+
+    import torch
+
+    try:
+        from megatron_protein.data import folding_features as ff
+        from megatron_protein.data.folding_dataset import FoldingDataset
+    except ImportError as err:
+        return {"note": f"feature builder not available: {err}"}
+    ds = FoldingDataset()
+    n = min(args.feature_chains, len(ds))
+    t0 = time.perf_counter()
+    raw = [ds.raw_features(i) for i in range(n)]
+    raw_s = time.perf_counter() - t0
+    ds.eval_example(0)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds.eval_example(i)
+    example_s = time.perf_counter() - t0
+    depths = [r[4] for r in raw]
+    out = {
+        "chains": n,
+        "source": "data/structures/chains_sample.npz + data/structures/msas",
+        "msa_depth_min_median_max": [int(min(depths)), int(np.median(depths)), int(max(depths))],
+        "chains_with_msa": int(sum(d > 1 for d in depths)),
+        "raw_features_ms_per_chain": round(1e3 * raw_s / n, 2),
+        "eval_example_ms_per_chain": round(1e3 * example_s / n, 2),
+    }
+    # The deterministic steps on the same sampled, masked MSA (as the features tests compare them).
+    config = dataclasses.replace(ds.config, max_msa_clusters=16)
+    inputs = []
+    for i, (seq_f, msa_f, targets, _, _) in enumerate(raw):
+        rng = np.random.default_rng(i)
+        f = ff.sample_msa({**seq_f, **msa_f, **targets}, config.max_msa_clusters, rng)
+        f = ff.make_masked_msa(f, ff.msa_residue_profile(msa_f["msa"], msa_f["msa_mask"]), config, rng)
+        inputs.append(f)
+    def ours_steps(f):
+        ff.make_msa_feat(ff.summarize_clusters(f, ff.nearest_neighbor_clusters(f)))
+        ff.structure_targets(f["aatype"], f["all_atom_positions"], f["all_atom_mask"])
+
+    ours_steps(inputs[0])  # warm-up (first torch calls)
+    t0 = time.perf_counter()
+    for f in inputs:
+        ff.make_msa_feat(ff.summarize_clusters(f, ff.nearest_neighbor_clusters(f)))
+        ff.structure_targets(f["aatype"], f["all_atom_positions"], f["all_atom_mask"])
+    ours_s = time.perf_counter() - t0
+    steps = {"steps": "nearest_neighbor_clusters, summarize_clusters, make_msa_feat, pseudo_beta, backbone frames",
+             "max_msa_clusters": config.max_msa_clusters, "ours_ms_per_chain": round(1e3 * ours_s / n, 2)}
+    dt, why = _import_openfold(args.openfold, args.stubs)
+    if dt is None:
+        steps["openfold"] = None
+        steps["note"] = f"ours alone: {why}"
+    else:
+        tensors = []
+        for f in inputs:
+            t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in f.items() if isinstance(v, np.ndarray)}
+            t["between_segment_residues"] = torch.zeros(len(f["aatype"]), dtype=torch.int64)
+            tensors.append(t)
+        def openfold_steps(t):
+            t = dt.nearest_neighbor_clusters(gap_agreement_weight=0.0)(dict(t))
+            dt.make_msa_feat()(dt.summarize_clusters()(t))
+            dt.pseudo_beta_fn(t["aatype"], t["all_atom_positions"], t["all_atom_mask"])
+            dt.atom37_to_frames({"aatype": t["aatype"], "all_atom_positions": t["all_atom_positions"],
+                                 "all_atom_mask": t["all_atom_mask"]})
+
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # OpenFold's indexing deprecation warnings under torch 2.13
+            openfold_steps(tensors[0])  # warm-up
+            t0 = time.perf_counter()
+            for t in tensors:
+                openfold_steps(t)
+            of_s = time.perf_counter() - t0
+        steps["openfold_ms_per_chain"] = round(1e3 * of_s / n, 2)
+        steps["ours_over_openfold_time"] = round(ours_s / of_s, 2)
+        steps["openfold"] = f"{args.openfold} (openfold.data.data_transforms, torch {torch.__version__})"
+    out["deterministic_steps"] = steps
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chains", type=int, default=100)
     parser.add_argument("--npz", default=None, help="chains file in the chains.npz format")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "structure.json"))
+    parser.add_argument("--openfold", default=os.environ.get("OPENFOLD_DIR", "/work/peers/openfold"))
+    parser.add_argument("--stubs", default="/work/shared/peers/stubs")
+    parser.add_argument("--feature-chains", type=int, default=100)
     args = parser.parse_args()
 
     import biotite
@@ -186,6 +292,7 @@ def main() -> None:
         "mean_gdt_ts": round(float(gdt[:, 0].mean()), 4),
         "mean_gdt_ha": round(float(gdt[:, 1].mean()), 4),
     }
+    results["features"] = feature_benchmark(args)
     results["load_average_1min"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     text = json.dumps(results, indent=2)
     print(text)
