@@ -1,6 +1,7 @@
 """Structure metrics (megatron_protein.structure.metrics) against biotite and tmtools on real chains.
 
-Real chains: the PDB files of data/structures/pdb/dssp_pdb (CA atoms). Perturbed copies: Gaussian noise on every
+Real chains: the PDB files of data/structures/pdb/dssp_pdb (CA atoms), and a few CA traces of the chains.npz
+format from the repo's embedded sample (data/structures/chains_sample.npz). Perturbed copies: Gaussian noise on every
 CA (sigma 1 and 3 A) and a hinge motion (the C-terminal half rotated 40 degrees about a point in the chain),
 always followed by a random rotation and translation.
 
@@ -224,3 +225,27 @@ def test_gdt_is_the_maximum_over_superpositions():
         if name.endswith("hinge"):
             # Each half is rigid: at 1 A the larger half (at least half the chain) is found whole.
             assert fractions[1.0] >= (l_ref - l_ref // 2) / l_ref - 1e-12
+
+
+EMBEDDED_CHAINS = os.path.join(REPO, "data", "structures", "chains_sample.npz")
+
+
+@pytest.mark.skipif(not os.path.exists(EMBEDDED_CHAINS), reason="embedded chains.npz sample not in this checkout")
+def test_chains_npz_ca_traces_against_tmtools_and_biotite():
+    """The same checks on CA traces of the chains.npz format (the repo's embedded sample of the shared set)."""
+    import biotite.structure as struc
+    import tmtools
+
+    z = np.load(EMBEDDED_CHAINS)
+    ca_col = [str(a) for a in z["atom_names"]].index("CA")
+    rng = np.random.default_rng(21)
+    for i in range(4):
+        a, b = int(z["offsets"][i]), int(z["offsets"][i + 1])
+        ca = z["coords"][a:b, ca_col].astype(np.float64)
+        seq = str(z["sequence"][i])
+        pred = _move(ca + rng.normal(0, 2.0, size=ca.shape), rng).astype(np.float32).astype(np.float64)
+        ref = tmtools.tm_align(pred, ca, seq, seq, alignment=[seq, seq])
+        assert M.tm_score(pred, ca) == pytest.approx(ref.tm_norm_chain2, abs=0.01)
+        atoms = _ca_atoms(ca)
+        assert M.lddt_ca(pred.astype(np.float32), atoms.coord) == pytest.approx(
+            float(struc.lddt(atoms, pred.astype(np.float32))), abs=1e-6)
