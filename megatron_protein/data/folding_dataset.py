@@ -150,13 +150,29 @@ class NpzChains:
         return ChainRecord(chain_id, sequence, residue_index, positions, mask, profile, source=self.path)
 
 
+def increasing_residue_index(author_numbers: np.ndarray) -> np.ndarray:
+    """Author residue numbers made strictly increasing, keeping the gaps of missing residues.
+
+    The relative-position encoding (supplement 1.6.4) reads ``residue_index`` differences, so two residues must
+    never share an index: insertion codes (52, 52A, 52B) and numbering that restarts would give them one. Each
+    step is ``max(1, number[i] - number[i-1])``; the first residue keeps its number. Files with plain increasing
+    numbering are unchanged.
+    """
+    numbers = np.asarray(author_numbers, np.int64)
+    if len(numbers) == 0:
+        return numbers
+    steps = np.maximum(1, np.diff(numbers))
+    return np.concatenate([numbers[:1], numbers[0] + np.cumsum(steps)]).astype(np.int64)
+
+
 class StructureFileChains:
     """Chains read from PDB/mmCIF files (gzipped too) by :func:`megatron_protein.structure.io.read_chain`.
 
     ``paths``: a folder (every ``*.pdb``, ``*.cif``, ``*.ent`` and their ``.gz``), a glob, or a list of files.
     ``chain``: the chain to take from every file (default: the first protein chain). The chain id of a record is
     the file name without extensions, plus ``_<chain>`` (e.g. ``5PTI_A``), which is the name its MSA must have.
-    Files are read when first asked for and kept.
+    ``residue_index`` is the author numbering made strictly increasing (:func:`increasing_residue_index`).
+    Files are read when first asked for and kept; a bad file raises the structure reader's error naming it.
     """
 
     PATTERNS = ("*.pdb", "*.cif", "*.ent", "*.mmcif", "*.pdb.gz", "*.cif.gz", "*.ent.gz", "*.mmcif.gz")
@@ -190,7 +206,7 @@ class StructureFileChains:
                     stem = stem[: -len(extension)]
             self._records[i] = ChainRecord(
                 chain_id=f"{stem}_{protein.chain_id}", sequence=protein.sequence,
-                residue_index=np.asarray(protein.residue_index, np.int64),
+                residue_index=increasing_residue_index(protein.residue_index),
                 all_atom_positions=np.asarray(protein.atom_positions, np.float32),
                 all_atom_mask=np.asarray(protein.atom_mask, np.float32), profile=None, source=path)
         return self._records[i]
@@ -207,7 +223,7 @@ class StructureFileChains:
 class MsaDirectory:
     """MSAs by chain id: ``<dir>/<chain_id>.a3m`` (or ``.sto``), first folder that has one wins."""
 
-    EXTENSIONS = (".a3m", ".sto")
+    EXTENSIONS = (".a3m", ".a3m.gz", ".sto")
 
     def __init__(self, directories: Union[None, str, Sequence[str]] = DEFAULT_MSA_DIR):
         if directories is None:
@@ -360,14 +376,15 @@ class FoldingBatches:
 
     Each step consumes a global batch of ``batch_size * dp_world_size`` samples of the stream; this rank
     collates its ``batch_size`` of them (``pad_residues`` defaults to the crop size, so every batch has the same
-    residue dimension). ``state_dict()`` / ``load_state_dict()`` save and restore ``consumed_samples`` (the count
+    residue dimension; MSA rows are padded to the batch's largest, or with ``fixed_msa_rows`` to the config's
+    ``max_msa_clusters`` / ``max_extra_msa``). ``state_dict()`` / ``load_state_dict()`` save and restore ``consumed_samples`` (the count
     of samples of every rank before the next batch), so a resumed run sees exactly the batches it would have seen.
     ``num_workers`` > 0 builds examples in a torch DataLoader's worker processes; the order is the same.
     """
 
     def __init__(self, dataset: FoldingDataset, batch_size: int, dp_rank: int = 0, dp_world_size: int = 1,
                  consumed_samples: int = 0, pad_residues: Optional[int] = None, multiple_of: int = 1,
-                 num_workers: int = 0):
+                 num_workers: int = 0, fixed_msa_rows: bool = False):
         if batch_size < 1 or not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"batch_size={batch_size}, dp_rank={dp_rank}, dp_world_size={dp_world_size}")
         self.dataset = dataset
@@ -378,6 +395,9 @@ class FoldingBatches:
         self.pad_residues = dataset.config.crop_size if pad_residues is None else pad_residues
         self.multiple_of = multiple_of
         self.num_workers = num_workers
+        # Fixed shapes (the config's maxima) instead of the batch's largest MSA: every step and rank the same.
+        self.pad_msa_rows = dataset.config.max_msa_clusters if fixed_msa_rows else None
+        self.pad_extra_rows = max(1, dataset.config.max_extra_msa) if fixed_msa_rows else None
         self._iterator = None
 
     @property
@@ -390,7 +410,8 @@ class FoldingBatches:
         return list(range(first, first + self.batch_size))
 
     def collate(self, examples):
-        return collate_features(examples, pad_residues=self.pad_residues, multiple_of=self.multiple_of)
+        return collate_features(examples, pad_residues=self.pad_residues, pad_msa_rows=self.pad_msa_rows,
+                                pad_extra_rows=self.pad_extra_rows, multiple_of=self.multiple_of)
 
     def _batches(self) -> Iterator[Dict]:
         if self.num_workers == 0:
@@ -449,3 +470,58 @@ def eval_batches(dataset: FoldingDataset, batch_size: int = 1, use_profile: bool
         indices = range(first, min(first + batch_size, len(dataset)))
         examples = [dataset.eval_example(i, use_profile=use_profile) for i in indices]
         yield [dataset.chain_id(i) for i in indices], collate_features(examples, multiple_of=multiple_of)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Check a folding data set end to end and print a JSON summary: every chain read, its MSA found and checked
+    against its sequence, one training and one evaluation example built. Bad input: one ``error:`` line, exit 2."""
+    import argparse
+    import json
+    import sys
+    import time
+
+    from megatron_protein.data.readers import InputFormatError
+    from megatron_protein.structure.io import StructureError
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_protein.data.folding_dataset",
+                                     description=main.__doc__.split(".")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--chains", default=None, help=f"chains.npz-format file (default: {DEFAULT_CHAINS})")
+    source.add_argument("--structures", default=None, help="folder, glob or file of PDB/mmCIF structures")
+    parser.add_argument("--split", default=None, help="train or valid (chains.npz files with a split key)")
+    parser.add_argument("--chain", default=None, help="chain id to read from every structure file")
+    parser.add_argument("--msas", nargs="*", default=[DEFAULT_MSA_DIR],
+                        help="folders of <chain id>.a3m[.gz]/.sto files (none: single-sequence mode)")
+    parser.add_argument("--crop-size", type=int, default=ff.FeatureConfig.crop_size)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        chains = (StructureFileChains(args.structures, chain=args.chain) if args.structures
+                  else NpzChains(args.chains or DEFAULT_CHAINS, split=args.split))
+        dataset = FoldingDataset(chains, msas=args.msas, config=ff.FeatureConfig(crop_size=args.crop_size),
+                                 seed=args.seed)
+        start = time.time()
+        depths = np.array([dataset.msa_depth(i) for i in range(len(dataset))])
+        lengths = np.array([len(chains[i].sequence) for i in range(len(dataset))])
+        read_seconds = time.time() - start
+        start = time.time()
+        for i in range(len(dataset)):
+            ff.check_example(dataset.train_example(i))
+            ff.check_example(dataset.eval_example(i))
+        example_seconds = (time.time() - start) / (2 * len(dataset))
+    except (InputFormatError, StructureError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with_msa = depths[depths > 1]
+    print(json.dumps({
+        "chains": len(dataset), "residues": int(lengths.sum()),
+        "length": {"min": int(lengths.min()), "median": float(np.median(lengths)), "max": int(lengths.max())},
+        "with_msa": int(len(with_msa)), "median_msa_depth_of_those": float(np.median(with_msa)) if len(with_msa)
+        else 0.0, "max_msa_depth": int(depths.max()), "read_seconds": round(read_seconds, 2),
+        "seconds_per_example": round(example_seconds, 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -46,7 +46,8 @@ from megatron_protein.data.readers import InputFormatError, read_fasta
 from megatron_protein.structure import residue_constants as rc
 
 #: Letters accepted in a sequence: the 20 amino acids and IUPAC's extra amino-acid codes (X unknown, B/Z/J
-#: ambiguous, U selenocysteine, O pyrrolysine); the extra ones are read as X (20) in ``aatype`` and the MSA.
+#: ambiguous, U selenocysteine, O pyrrolysine), i.e. every letter A-Z; the extra ones are read as X (20) in
+#: ``aatype`` and the MSA. Digits, ``*``, gaps and other symbols are errors.
 AMINO_ACID_LETTERS = frozenset("ACDEFGHIKLMNPQRSTVWYXBZJUO")
 SINGLE_SEQUENCE_SOURCE = "<single-sequence>"
 
@@ -90,7 +91,7 @@ def validate_sequence(sequence: str, source: str = "<sequence>", record: Optiona
     for position, letter in enumerate(upper):
         if letter not in AMINO_ACID_LETTERS:
             raise MsaError(f"{_where(source, record)}: letter {letter!r} at position {position + 1} is not an "
-                           f"amino acid; expected one of {''.join(sorted(AMINO_ACID_LETTERS))}")
+                           "amino acid; expected letters A-Z (the 20 amino acids, X, and IUPAC's B, Z, J, U, O)")
     return upper
 
 
