@@ -82,11 +82,12 @@ def score_chains(pred: ProteinChain, ref: ProteinChain, align: bool = False, ste
     l_ref = len(ref_rows)
     if n_pairs == 0:
         return Score(0.0, 0.0, 0.0, 0.0, float("nan"), 0)
+    gdt_ts, gdt_ha = metrics.gdt_ts_ha(pred_xyz, true, pred_present, reference_length=l_ref, step=step)
     return Score(
         lddt_ca=float(metrics.lddt_ca(pred_xyz, true, pred_mask=pred_present)),
         tm_score=float(metrics.tm_score(pred_xyz, true, pred_present, reference_length=l_ref, step=step)),
-        gdt_ts=float(metrics.gdt_ts(pred_xyz, true, pred_present, reference_length=l_ref, step=step)),
-        gdt_ha=float(metrics.gdt_ha(pred_xyz, true, pred_present, reference_length=l_ref, step=step)),
+        gdt_ts=gdt_ts,
+        gdt_ha=gdt_ha,
         rmsd=float(metrics.rmsd(pred_xyz, true, pred_present)),
         n_residues=n_pairs,
     )

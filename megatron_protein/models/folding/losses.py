@@ -85,8 +85,8 @@ def plddt_loss(logits: torch.Tensor, pred_ca: torch.Tensor, true_ca: torch.Tenso
     The target is the per-residue lDDT-Calpha of the (detached) prediction, binned into B equal bins of [0, 1]."""
     num_bins = logits.shape[-1]
     with torch.no_grad():
-        score = metrics.lddt_ca_per_residue_torch(pred_ca.detach().float(), true_ca.float(), ca_mask,
-                                                  cutoff=cutoff)
+        score = metrics.lddt_ca_torch(pred_ca.detach().float(), true_ca.float(), ca_mask, per_residue=True,
+                                      cutoff=cutoff)
         target = torch.clamp((score * num_bins).long(), 0, num_bins - 1)
     errors = torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), target.flatten(),
                                                reduction="none").view(target.shape)
