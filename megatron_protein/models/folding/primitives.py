@@ -20,6 +20,9 @@ from typing import Optional
 
 import torch
 
+from megatron_protein.kernels import FusionConfig, GatedSelfAttention, dispatch
+from megatron_protein.kernels.gated_attention import attention_core
+
 INITS = ("default", "relu", "glorot", "gating", "normal", "final")
 
 #: Standard deviation of a standard normal truncated to [-2, 2]; dividing by it keeps the variance of the
@@ -70,6 +73,42 @@ class Linear(torch.nn.Linear):
         return f"{super().extra_repr()}, init={self.init!r}"
 
 
+class EvoformerAttention(GatedSelfAttention):
+    """The kernels' gated self-attention with bias (Algorithms 7, 8, 13, 14) whose training core keeps no
+    probabilities: ``(x [*, B, Q, c_in], bias [*, 1, H, Q, Q], mask bool [*, B, 1, 1, Q]) -> [*, B, Q, c_in]``.
+
+    Same parameters, initialisation and state-dict layout as :class:`~megatron_protein.kernels.GatedSelfAttention`
+    (``linear_q, linear_k, linear_v, linear_g, linear_o``), same function. When autograd records and the PyTorch
+    reference runs (CPU), with ``recompute=True`` and no tile size chosen, the core is
+    :func:`~megatron_protein.models.folding.chunking.attention_recompute` (chunks of B through the tiled kernel,
+    probabilities recomputed in backward); otherwise the kernels' core as the ``FusionConfig`` chose it (Triton
+    flash attention on CUDA, tiled attention with ``attention_tile_size``, the plain core in inference).
+    """
+
+    def __init__(self, c_in: int, c_hidden: int, num_heads: int, fusion: FusionConfig = FusionConfig(),
+                 recompute: bool = True):
+        super().__init__(c_in, c_hidden, num_heads, gating=True, fused=fusion.masked_softmax_fusion,
+                         tile_size=fusion.attention_tile_size)
+        self.recompute = bool(recompute)
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from megatron_protein.models.folding.chunking import attention_recompute
+        q = self._heads(self.linear_q(x))  # [*, H, Q, c]
+        k = self._heads(self.linear_k(x))
+        v = self._heads(self.linear_v(x))
+        scale = 1.0 / math.sqrt(self.c_hidden)
+        backend = dispatch.select_backend("GatedSelfAttention", self.fused, x)
+        if (self.recompute and backend == "reference" and self.tile_size is None and torch.is_grad_enabled()
+                and (x.requires_grad or (bias is not None and bias.requires_grad))):
+            o = attention_recompute(q, k, v, bias, mask, scale)
+        else:
+            o = attention_core(q, k, v, bias, mask, scale, backend, self.tile_size)
+        o = o.transpose(-2, -3)  # [*, Q, H, c]
+        g = torch.sigmoid(self.linear_g(x)).view(*x.shape[:-1], self.num_heads, self.c_hidden)
+        return self.linear_o((o * g).reshape(*x.shape[:-1], self.num_heads * self.c_hidden))
+
+
 def masked_out(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Float ``1 = real`` mask -> bool ``True = masked out`` (what the kernels take); None stays None."""
     if mask is None:
@@ -92,6 +131,25 @@ def check_masks(op: str, m: Optional[torch.Tensor], z: Optional[torch.Tensor], m
     if z is not None and pair_mask is not None and pair_mask.shape[-2:] != z.shape[-3:-1]:
         raise ValueError(f"{op}: pair_mask {tuple(pair_mask.shape)} does not match z {tuple(z.shape)} "
                          "(expected [*, N_res, N_res])")
+
+
+#: Inference computes pair biases LinearNoBias(LayerNorm(z)) in row chunks of about this many z elements, so that
+#: LayerNorm(z) is never whole.
+BIAS_CHUNK_ELEMENTS = 1 << 23
+
+
+def pair_bias_projection(z: torch.Tensor, layer_norm: torch.nn.Module, linear: torch.nn.Module) -> torch.Tensor:
+    """``linear(layer_norm(z))`` for ``z [*, I, J, c_z]`` -> ``[*, I, J, H]``; in row chunks when autograd is off."""
+    if torch.is_grad_enabled():
+        return linear(layer_norm(z))
+    n_i = z.shape[-3]
+    rows = max(1, BIAS_CHUNK_ELEMENTS // max(1, z[..., :1, :, :].numel()))
+    if rows >= n_i:
+        return linear(layer_norm(z))
+    out = z.new_empty(*z.shape[:-1], linear.out_features)
+    for start in range(0, n_i, rows):
+        out[..., start:start + rows, :, :] = linear(layer_norm(z[..., start:start + rows, :, :]))
+    return out
 
 
 def residual_add(residual: torch.Tensor, update: torch.Tensor, inplace: bool) -> torch.Tensor:

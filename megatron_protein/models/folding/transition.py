@@ -47,6 +47,18 @@ class Transition(torch.nn.Module):
         return chunk_layer(self._transition, (x, mask), chunk_size, num_batch_dims=x.dim() - 2)
 
 
+    @torch.no_grad()
+    def add_into(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Inference: ``x += update`` in place, ``chunk_size`` rows (dim -3) at a time (all at once if None)."""
+        n = x.shape[-3]
+        step = chunk_size or n
+        for start in range(0, n, step):
+            rows = x.narrow(-3, start, min(step, n - start))
+            rows.add_(self._transition(rows, None if mask is None else mask.narrow(-2, start, rows.shape[-3])))
+        return x
+
+
 #: Algorithm 9 (MSA transition) and Algorithm 15 (pair transition) are the same module.
 MSATransition = Transition
 PairTransition = Transition
