@@ -37,7 +37,7 @@ from megatron_protein.models.folding.chunking import checkpoint_block
 from megatron_protein.models.folding.msa import (MSAColumnAttention, MSAColumnGlobalAttention,
                                                  MSARowAttentionWithPairBias)
 from megatron_protein.models.folding.outer_product_mean import OuterProductMean
-from megatron_protein.models.folding.primitives import Linear, bp, check_masks, dap, residual_add
+from megatron_protein.models.folding.primitives import Linear, bp, check_masks, dap
 from megatron_protein.models.folding.transition import Transition
 from megatron_protein.models.folding.triangle_attention import TriangleAttention
 from megatron_protein.models.folding.triangle_multiplication import TriangleMultiplicativeUpdate
@@ -99,6 +99,9 @@ class EvoformerConfig:
 class EvoformerBlock(torch.nn.Module):
     """Algorithm 6 (one iteration): ``(m [*, S, R, c_m], z [*, R, R, c_z], msa_mask [*, S, R], pair_mask
     [*, R, R]) -> (m, z)``; see the module docstring. ``chunk_size`` chunks every module for inference."""
+
+    #: This block calls the DAP/BP hooks, so it may run on split activations (``dap.require_hooks``).
+    parallel_hooks = True
 
     def __init__(self, config: EvoformerConfig):
         super().__init__()
@@ -179,11 +182,9 @@ class EvoformerBlock(torch.nn.Module):
         mask_row = dap.local_slice(pair_mask, -2)  # [*, R/n, R]
         mask_col = dap.local_slice(pair_mask, -1)  # [*, R, R/n]
         z = self._update(self.tri_mul_out, self.pair_dropout_rowwise, z, mask_row)
-        z = self._switch(dap.row_to_col, z)  # [*, R/n, R, c_z] -> [*, R, R/n, c_z]
-        z = self._update(self.tri_mul_in, self.pair_dropout_rowwise, z, mask_col)
-        z = self._switch(dap.col_to_row, z)
+        z = self._incoming(z, mask_col)
         z = self._update(self.tri_att_start, self.pair_dropout_rowwise, z, mask_row, chunk_size)
-        z = self._switch(dap.row_to_col, z)
+        z = self._switch(dap.row_to_col, z)  # [*, R/n, R, c_z] -> [*, R, R/n, c_z]
         z = self._update(self.tri_att_end, self.pair_dropout_columnwise, z, mask_col, chunk_size)
         z = self._update(self.pair_transition, None, z, mask_col, chunk_size)
         z = self._switch(dap.col_to_row, z)
@@ -195,6 +196,18 @@ class EvoformerBlock(torch.nn.Module):
         opm_update = self.outer_product_mean(m, dap.local_slice(msa_mask, -1), chunk_size)
         return dap.col_to_row(m), opm_update
 
+    def _incoming(self, z, mask_col):
+        """Triangle multiplication incoming, in column layout. With dropout its update goes back to row layout before
+        the row-wise dropout-add, so the mask shared along rows is drawn at its full [1, R, c_z] on every rank (in
+        column layout each rank would draw [1, R/n, c_z] and the ranks' column blocks would repeat one pattern);
+        without dropout z itself switches (and is updated in place in inference). Same all_to_all count."""
+        dropout = self.pair_dropout_rowwise
+        if dropout.training and dropout.p > 0.0:
+            update = dap.col_to_row(self.tri_mul_in(dap.row_to_col(z), mask_col))  # [*, R/n, R, c_z]
+            return self._new(dropout(update, None, z))
+        z = self._update(self.tri_mul_in, None, self._switch(dap.row_to_col, z), mask_col)
+        return self._switch(dap.col_to_row, z)
+
     def pair_branch(self, z, pair_mask, chunk_size):
         """Parallel Evoformer, pair branch: ``z -> z_new`` without the block's outer product mean."""
         return self.pair_stack(z, pair_mask, chunk_size)
@@ -204,7 +217,13 @@ class EvoformerBlock(torch.nn.Module):
                 inplace: bool = False):
         """``inplace=True`` (inference only; ignored when autograd records) lets the block overwrite ``m`` and ``z``
         instead of allocating new ones, as OpenFold's ``inplace_safe``."""
-        check_masks("EvoformerBlock", m, z, msa_mask, pair_mask)
+        if not dap.is_enabled():  # under DAP m and z are row-layout slices; the stack checked the whole shapes
+            check_masks("EvoformerBlock", m, z, msa_mask, pair_mask)
+        else:  # every rank slices the whole masks (dap.local_slice); None means all real
+            if msa_mask is None:
+                msa_mask = m.new_ones(*m.shape[:-3], m.shape[-3] * dap.get_world_size(), m.shape[-2])
+            if pair_mask is None:
+                pair_mask = z.new_ones(*z.shape[:-3], z.shape[-2], z.shape[-2])
         self._created: list[torch.Tensor] = [m, z] if inplace else []
         try:
             if self.opm_position == "end":
@@ -232,18 +251,28 @@ class EvoformerStack(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(EvoformerBlock(config) for _ in range(config.num_blocks))
         self.linear = Linear(config.c_m, config.c_s)
 
-    def run_blocks(self, m, z, msa_mask, pair_mask, chunk_size, inplace):
+    def run_blocks(self, m, z, msa_mask, pair_mask, chunk_size, inplace: bool = False, return_msa: bool = True):
+        """Scatter to row layout, run the blocks, gather. Sizes must divide the dap degree (the trunk,
+        ``DistEmbeddingsAndEvoformer``, pads them). With the Parallel Evoformer the blocks sit between
+        ``bp.enter_stack`` and ``bp.exit_stack`` (the MSA stays on the MSA-branch rank inside the stack).
+        ``return_msa=False`` (the extra-MSA stack) skips gathering an MSA nobody reads and returns ``(None, z)``.
+        In inference every block after the first may overwrite what the previous block returned (``inplace``: the
+        first one too)."""
         check_masks(type(self).__name__, m, z, msa_mask, pair_mask)
-        m_in, z_in = m, z
         m = dap.scatter(m, dim=-3)  # row layout: [*, S/n, R, c_m]
         z = dap.scatter(z, dim=-3)  # [*, R/n, R, c_z]
-        for block in self.blocks:
-            # Inference: every block after the first may overwrite what the previous block returned.
-            owned = inplace or (m is not m_in and z is not z_in)
+        branched = self.config.outer_product_mean_position == "end"
+        if branched:
+            m, z = bp.enter_stack(m, z)
+        for index, block in enumerate(self.blocks):
             if self.config.recompute and torch.is_grad_enabled():
                 m, z = checkpoint_block(block, m, z, msa_mask, pair_mask, chunk_size)
             else:
-                m, z = block(m, z, msa_mask, pair_mask, chunk_size, inplace=owned)
+                m, z = block(m, z, msa_mask, pair_mask, chunk_size, inplace=inplace or index > 0)
+        if not return_msa:
+            return None, dap.gather(z, dim=-3)
+        if branched:
+            m = bp.exit_stack(m)
         return dap.gather(m, dim=-3), dap.gather(z, dim=-3)
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
@@ -273,7 +302,7 @@ class ExtraMSAStack(EvoformerStack):
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
                 pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
                 inplace: bool = False) -> torch.Tensor:
-        _, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, inplace)
+        _, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, inplace, return_msa=False)
         return z
 
 

@@ -1,5 +1,6 @@
 """Shared pieces of the Evoformer: the Linear layer with AlphaFold2's named initialisers (supplement 1.11.4), mask
-conversions, residual updates, and the switch point for the DAP/BP parallel hooks.
+conversions, pair-bias projections, residual updates, the Evoformer's gated attention, and the DAP/BP hooks
+(``dap``, ``bp`` from :mod:`megatron_protein.parallel`, re-exported for the modules).
 
 Initialisers (supplement section 1.11.4; OpenFold's names, so its configs and ours read alike):
 
@@ -22,6 +23,8 @@ import torch
 
 from megatron_protein.kernels import FusionConfig, GatedSelfAttention, dispatch
 from megatron_protein.kernels.gated_attention import attention_core
+# The DAP/BP hooks (CONTRACTS.md): the modules of the Evoformer import them from here.
+from megatron_protein.parallel import bp, dap  # noqa: F401
 
 INITS = ("default", "relu", "glorot", "gating", "normal", "final")
 
@@ -150,73 +153,3 @@ def pair_bias_projection(z: torch.Tensor, layer_norm: torch.nn.Module, linear: t
     for start in range(0, n_i, rows):
         out[..., start:start + rows, :, :] = linear(layer_norm(z[..., start:start + rows, :, :]))
     return out
-
-
-def residual_add(residual: torch.Tensor, update: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``residual + update``; in place into ``residual`` when the caller owns it and autograd is off."""
-    if inplace and not torch.is_grad_enabled():
-        return residual.add_(update)
-    return residual + update
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# DAP / BP hooks (CONTRACTS: parallel/dap.py and parallel/bp.py, owned by the hybrid-parallel work). Until those
-# modules exist this fallback gives their degree-1 behaviour (identity layout switches, plain local computation),
-# so the block's call sites are already the production ones.
-# ---------------------------------------------------------------------------------------------------------------
-try:  # pragma: no cover - which branch runs depends on whether parallel/dap.py is present
-    from megatron_protein.parallel import bp, dap  # noqa: F401
-except ImportError:  # pragma: no cover
-    class _Handle:
-        def __init__(self, tensor):
-            self._tensor = tensor
-
-        def wait(self):
-            return self._tensor
-
-    class _DegreeOneDAP:
-        """DAP at degree 1: every layout switch and gather is the identity."""
-
-        @staticmethod
-        def row_to_col(x):
-            return x
-
-        @staticmethod
-        def col_to_row(x):
-            return x
-
-        @staticmethod
-        def row_to_col_async(x):
-            return x, _Handle(x)
-
-        @staticmethod
-        def col_to_row_async(x):
-            return x, _Handle(x)
-
-        @staticmethod
-        def all_gather(x, dim):
-            return x
-
-        @staticmethod
-        def scatter(x, dim):
-            return x
-
-        @staticmethod
-        def gather(x, dim):
-            return x
-
-        @staticmethod
-        def local_slice(t, dim):
-            return t
-
-    class _DegreeOneBP:
-        """BP at degree 1: both branches run here, the OPM update is added to the new pair."""
-
-        @staticmethod
-        def run_branches(msa_branch, pair_branch, m, z):
-            m_new, opm_update = msa_branch(m, z)
-            z_new = pair_branch(z)
-            return m_new, z_new + opm_update
-
-    dap = _DegreeOneDAP()
-    bp = _DegreeOneBP()
