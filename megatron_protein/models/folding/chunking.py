@@ -22,6 +22,19 @@ import torch
 import torch.utils.checkpoint
 
 
+def autocast_state(t: torch.Tensor) -> tuple:
+    """The autocast setting in force for ``t``'s device, for a custom autograd function to save in forward."""
+    device_type = t.device.type
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def autocast_as(state: tuple):
+    """``with autocast_as(ctx.autocast):`` in backward recomputes under the forward's autocast setting (bf16
+    training recomputes in bf16, as its forward ran), the way ``torch.amp.custom_bwd`` does for one device type."""
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 def _batch_shape(inputs: Sequence[Optional[torch.Tensor]], num_batch_dims: int) -> torch.Size:
     shapes = []
     for t in inputs:

@@ -67,7 +67,10 @@ class EvoformerConfig:
     opm_eps: float = 1e-3
     global_attention_eps: float = 1e-10
     recompute: bool = False  # activation recompute of every block (training memory)
-    attention_recompute: bool = True  # training: attention probabilities recomputed in backward, never kept
+    # Training memory: attention probabilities and the transitions' 4x hidden recomputed in backward instead of kept
+    # (same gradients; a few % more compute). The triangle updates and the outer product mean always recompute
+    # their (cheap) projections.
+    lean_training: bool = True
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self):
@@ -108,7 +111,7 @@ class EvoformerBlock(torch.nn.Module):
         c, f = config, config.fusion
         self.config = config
         self.opm_position = c.outer_product_mean_position
-        ar = c.attention_recompute
+        ar = c.lean_training
         self.msa_att_row = MSARowAttentionWithPairBias(c.c_m, c.c_z, c.c_hidden_msa_att, c.num_heads_msa, fusion=f,
                                                        attention_recompute=ar)
         if c.global_column_attention:
@@ -117,7 +120,7 @@ class EvoformerBlock(torch.nn.Module):
         else:
             self.msa_att_col = MSAColumnAttention(c.c_m, c.c_hidden_msa_att, c.num_heads_msa, fusion=f,
                                                   attention_recompute=ar)
-        self.msa_transition = Transition(c.c_m, c.transition_n, fusion=f)
+        self.msa_transition = Transition(c.c_m, c.transition_n, fusion=f, recompute=ar)
         self.outer_product_mean = OuterProductMean(c.c_m, c.c_z, c.c_hidden_opm, eps=c.opm_eps, fusion=f)
         self.tri_mul_out = TriangleMultiplicativeUpdate(c.c_z, c.c_hidden_mul, outgoing=True, fusion=f)
         self.tri_mul_in = TriangleMultiplicativeUpdate(c.c_z, c.c_hidden_mul, outgoing=False, fusion=f)
@@ -125,7 +128,7 @@ class EvoformerBlock(torch.nn.Module):
                                                attention_recompute=ar)
         self.tri_att_end = TriangleAttention(c.c_z, c.c_hidden_pair_att, c.num_heads_pair, starting=False, fusion=f,
                                              attention_recompute=ar)
-        self.pair_transition = Transition(c.c_z, c.transition_n, fusion=f)
+        self.pair_transition = Transition(c.c_z, c.transition_n, fusion=f, recompute=ar)
         # Row-/column-shared dropout fused with the residual add (supplement 1.11.6).
         self.msa_dropout_rowwise = f.bias_dropout_add(c.msa_dropout, broadcast_dim=-3)
         self.pair_dropout_rowwise = f.bias_dropout_add(c.pair_dropout, broadcast_dim=-3)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_protein.kernels import FusionConfig
+from megatron_protein.models.folding.chunking import autocast_as, autocast_state
 from megatron_protein.models.folding.primitives import Linear, dap
 
 #: Row chunks of the outer product hold about this many elements ([*, rows, R, c * c]).
@@ -55,7 +56,7 @@ class _OuterProductLinear(torch.autograd.Function):
         for start in range(0, n_i, rows):
             end = min(start + rows, n_i)
             out[..., start:end, :, :] = F.linear(_OuterProductLinear._outer(a, b, start, end), weight, bias)
-        ctx.rows = rows
+        ctx.rows, ctx.autocast = rows, autocast_state(a)
         ctx.save_for_backward(a, b, weight)
         return out
 
@@ -69,23 +70,24 @@ class _OuterProductLinear(torch.autograd.Function):
         grad_b = torch.zeros_like(b) if need_b else None
         grad_w = torch.zeros_like(weight) if need_w else None
         b_flat = b.flatten(-2)  # [*, S, J * d]
-        for start in range(0, n_i, rows):
-            end = min(start + rows, n_i)
-            g = grad[..., start:end, :, :]  # [*, rows, J, c_z]
-            if need_w:
-                outer = _OuterProductLinear._outer(a, b, start, end)  # recomputed
-                grad_w.addmm_(g.reshape(-1, g.shape[-1]).t(), outer.reshape(-1, outer.shape[-1]))
-                del outer
-            if need_a or need_b:
-                # d outer [*, rows, J, c, d] -> [*, rows * c, J * d]
-                d_outer = torch.matmul(g, weight).view(*g.shape[:-1], c, d).transpose(-3, -2)
-                d_outer = d_outer.reshape(*g.shape[:-3], (end - start) * c, n_j * d)
-                if need_a:  # [*, rows * c, J * d] @ [*, J * d, S] -> [*, rows * c, S] -> [*, S, rows, c]
-                    ga = torch.matmul(d_outer, b_flat.transpose(-1, -2))
-                    grad_a[..., start:end, :] = ga.transpose(-1, -2).reshape(*ga.shape[:-2], -1, end - start, c)
-                if need_b:  # [*, S, rows * c] @ [*, rows * c, J * d]
-                    grad_b.add_(torch.matmul(a[..., start:end, :].flatten(-2), d_outer).view(grad_b.shape))
-                del d_outer
+        with autocast_as(ctx.autocast):
+            for start in range(0, n_i, rows):
+                end = min(start + rows, n_i)
+                g = grad[..., start:end, :, :]  # [*, rows, J, c_z]
+                if need_w:
+                    outer = _OuterProductLinear._outer(a, b, start, end)  # recomputed
+                    grad_w.add_(torch.matmul(g.reshape(-1, g.shape[-1]).t(), outer.reshape(-1, outer.shape[-1])))
+                    del outer
+                if need_a or need_b:
+                    # d outer [*, rows, J, c, d] -> [*, rows * c, J * d]
+                    d_outer = torch.matmul(g, weight).view(*g.shape[:-1], c, d).transpose(-3, -2)
+                    d_outer = d_outer.reshape(*g.shape[:-3], (end - start) * c, n_j * d)
+                    if need_a:  # [*, rows * c, J * d] @ [*, J * d, S] -> [*, rows * c, S] -> [*, S, rows, c]
+                        ga = torch.matmul(d_outer, b_flat.transpose(-1, -2))
+                        grad_a[..., start:end, :] = ga.transpose(-1, -2).reshape(*ga.shape[:-2], -1, end - start, c)
+                    if need_b:  # [*, S, rows * c] @ [*, rows * c, J * d]
+                        grad_b.add_(torch.matmul(a[..., start:end, :].flatten(-2), d_outer).view(grad_b.shape))
+                    del d_outer
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
         if need_a:
             grad_a = grad_a.sum_to_size(a.shape)

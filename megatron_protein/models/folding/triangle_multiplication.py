@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_protein.kernels import FusionConfig
+from megatron_protein.models.folding.chunking import autocast_as, autocast_state
 from megatron_protein.models.folding.primitives import Linear, dap
 
 #: Row chunks of the gated projection hold about this many elements of the [*, rows, R, 4c] projection.
@@ -77,7 +78,7 @@ class _GatedProjection(torch.autograd.Function):
             a[..., start:end, :].copy_(a_rows)
             b[..., start:end, :].copy_(b_rows)
             del proj, a_rows, b_rows
-        ctx.c, ctx.rows = c, rows
+        ctx.c, ctx.rows, ctx.autocast = c, rows, autocast_state(x)
         ctx.save_for_backward(x, weight, bias, mask)
         return a, b
 
@@ -89,29 +90,30 @@ class _GatedProjection(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_bias = torch.zeros_like(bias) if need_b else None
-        for start in range(0, n_i, rows):
-            end = min(start + rows, n_i)
-            x_rows = x[..., start:end, :, :]
-            proj = F.linear(x_rows, weight, bias)  # recomputed [*, rows, R, 4c]
-            grad_proj = torch.empty_like(proj)
-            for k, grad in enumerate((grad_a, grad_b)):
-                p, g = proj[..., 2 * k * c:(2 * k + 1) * c], proj[..., (2 * k + 1) * c:(2 * k + 2) * c]
-                grad_t = grad[..., start:end, :].movedim(-3, -1)  # [*, rows, R, c]
-                if mask is not None:
-                    grad_t = grad_t * mask[..., start:end, :, None]
-                sig = torch.sigmoid(g)
-                torch.mul(grad_t, sig, out=grad_proj[..., 2 * k * c:(2 * k + 1) * c])  # d p
-                # d g = grad * p * sig * (1 - sig)
-                torch.mul(grad_t * p, sig * (1.0 - sig), out=grad_proj[..., (2 * k + 1) * c:(2 * k + 2) * c])
-                del sig, grad_t
-            flat = grad_proj.reshape(-1, grad_proj.shape[-1])
-            if need_x:
-                grad_x[..., start:end, :, :] = torch.matmul(grad_proj, weight)
-            if need_w:
-                grad_w.addmm_(flat.t(), x_rows.reshape(-1, x.shape[-1]))
-            if need_b:
-                grad_bias.add_(flat.sum(0))
-            del proj, grad_proj, flat
+        with autocast_as(ctx.autocast):
+            for start in range(0, n_i, rows):
+                end = min(start + rows, n_i)
+                x_rows = x[..., start:end, :, :]
+                proj = F.linear(x_rows, weight, bias)  # recomputed [*, rows, R, 4c]
+                grad_proj = torch.empty_like(proj)
+                for k, grad in enumerate((grad_a, grad_b)):
+                    p, g = proj[..., 2 * k * c:(2 * k + 1) * c], proj[..., (2 * k + 1) * c:(2 * k + 2) * c]
+                    grad_t = grad[..., start:end, :].movedim(-3, -1)  # [*, rows, R, c]
+                    if mask is not None:
+                        grad_t = grad_t * mask[..., start:end, :, None]
+                    sig = torch.sigmoid(g)
+                    grad_proj[..., 2 * k * c:(2 * k + 1) * c] = grad_t * sig  # d p
+                    # d g = grad * p * sig * (1 - sig)
+                    grad_proj[..., (2 * k + 1) * c:(2 * k + 2) * c] = (grad_t * p).mul_(sig * (1.0 - sig))
+                    del sig, grad_t
+                flat = grad_proj.reshape(-1, grad_proj.shape[-1])
+                if need_x:
+                    grad_x[..., start:end, :, :] = torch.matmul(grad_proj, weight)
+                if need_w:
+                    grad_w.add_(torch.matmul(flat.t(), x_rows.reshape(-1, x.shape[-1])))
+                if need_b:
+                    grad_bias.add_(flat.sum(0))
+                del proj, grad_proj, flat
         return grad_x, grad_w, grad_bias, None, None
 
 
