@@ -104,6 +104,7 @@ class ModelConfig:
     msa_feat_dim: int = 49          # 23 cluster one-hot, has_deletion, deletion_value, 23 profile, deletion_mean
     extra_msa_feat_dim: int = 25    # 23 one-hot, has_deletion, deletion_value
     relpos_k: int = 32              # relative position clip (Algorithm 4): 2k + 1 bins
+    use_profile: bool = False       # embed the ``profile`` feature into the query row (not AF2; embedders.py)
     recycle_min_bin: float = 3.25   # Algorithm 32: 15 bins of the previous pseudo-beta distances
     recycle_max_bin: float = 20.75
     recycle_num_bins: int = 15

@@ -28,8 +28,9 @@ import torch
 
 from megatron_protein.kernels import FusionConfig
 from megatron_protein.models.folding.config import FoldingConfig, ModelConfig
-from megatron_protein.models.folding.embedders import (ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder,
-                                                       extra_msa_features, pseudo_beta_from_atom37)
+from megatron_protein.models.folding.embedders import (ExtraMSAEmbedder, InputEmbedder, ProfileEmbedder,
+                                                       RecyclingEmbedder, extra_msa_features,
+                                                       pseudo_beta_from_atom37)
 from megatron_protein.models.folding.evoformer import EvoformerConfig, EvoformerStack, ExtraMSAStack
 from megatron_protein.models.folding.heads import DistogramHead, MaskedMSAHead, PLDDTHead, plddt_from_logits
 from megatron_protein.models.folding.structure_module import StructureModule
@@ -38,6 +39,7 @@ from megatron_protein.models.folding.structure_module import StructureModule
 #: extra-MSA stack has blocks.
 MODEL_FEATURES = ("aatype", "residue_index", "seq_mask", "target_feat", "msa_feat", "msa_mask")
 EXTRA_MSA_FEATURES = ("extra_msa", "extra_has_deletion", "extra_deletion_value", "extra_msa_mask")
+PROFILE_FEATURES = ("profile", "profile_mask")
 
 
 def evoformer_config(model: ModelConfig, extra: bool) -> EvoformerConfig:
@@ -64,6 +66,7 @@ class AlphaFold(torch.nn.Module):
         m = config.model
         fused = m.fused_kernels
         self.input_embedder = InputEmbedder(m.target_feat_dim, m.msa_feat_dim, m.c_m, m.c_z, m.relpos_k)
+        self.profile_embedder = ProfileEmbedder(m.c_m) if m.use_profile else None
         self.recycling_embedder = RecyclingEmbedder(m.c_m, m.c_z, m.recycle_min_bin, m.recycle_max_bin,
                                                     m.recycle_num_bins, fused=fused)
         self.use_extra_msa = m.extra_msa.num_blocks > 0
@@ -89,6 +92,9 @@ class AlphaFold(torch.nn.Module):
         m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
         m_prev, z_prev, x_prev = prev
         m_update, z_update = self.recycling_embedder(m_prev.to(m.dtype), z_prev.to(z.dtype), x_prev)
+        if self.profile_embedder is not None:
+            m_update = m_update + self.profile_embedder(batch["profile"].to(m.dtype),
+                                                        batch["profile_mask"].to(m.dtype))
         m = torch.cat([m[..., :1, :, :] + m_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
         z = z + z_update
         if self.use_extra_msa:
@@ -107,7 +113,9 @@ class AlphaFold(torch.nn.Module):
         ``single [B, R, c_s]``, ``distogram_logits [B, R, R, 64]``, ``masked_msa_logits [B, S, R, 23]``,
         ``plddt_logits [B, R, 50]``, ``plddt [B, R]`` (0-100) and ``num_recycles``.
         """
-        missing = [k for k in MODEL_FEATURES + (EXTRA_MSA_FEATURES if self.use_extra_msa else ()) if k not in batch]
+        needed = (MODEL_FEATURES + (EXTRA_MSA_FEATURES if self.use_extra_msa else ())
+                  + (PROFILE_FEATURES if self.profile_embedder is not None else ()))
+        missing = [k for k in needed if k not in batch]
         if missing:
             raise KeyError(f"AlphaFold.forward: the batch lacks feature(s) {', '.join(missing)}")
         if num_recycles is None:
