@@ -398,8 +398,9 @@ def gdt_fractions(
 ) -> Dict[float, float]:
     """``{cutoff: largest fraction of the reference_length residues within cutoff under one superposition}``.
 
-    Searched per cutoff from the TM-score fragment seeds plus the all-residue and the TM-score superpositions,
-    each refined on the pairs within the cutoff (LGA's GDT procedure, TM-score's seeding).
+    Searched per cutoff from the TM-score fragment seeds, the all-residue superposition and the pairs within 5 A
+    under the TM-score superposition, each refined on the pairs within the cutoff (LGA's GDT iteration, TM-score's
+    seeding); the TM-score superposition itself also counts as a candidate.
     """
     pred, true, mask = _pairs(pred, true, mask)
     x, y = pred[mask], true[mask]
@@ -423,6 +424,8 @@ def gdt_fractions(
         lambda d2, it, g: _select(d2, cuts[g]),
         np.tile(seeds, (len(cuts), 1)), groups, len(cuts),
     )
+    if sup is not None:  # the TM-score superposition itself is a candidate too
+        counts = np.maximum(counts, [(d2 < c * c).sum() for c in cuts])
     return {float(c): float(n) / l_ref for c, n in zip(cuts, counts)}
 
 
