@@ -11,12 +11,13 @@ Definitions (see ``docs/structure.md`` for the references each was checked again
   thresholds 0.5, 1, 2, 4 A that the absolute difference between predicted and reference distance stays below;
   averaged over the pairs of a residue (per residue) or over all pairs (global). Superposition-free.
 * **TM-score** (Zhang & Skolnick 2004): ``max over superpositions of 1/L_ref * sum_i 1 / (1 + (d_i / d0)^2)``,
-  ``d0 = 1.24 (L_ref - 15)^(1/3) - 1.8`` (0.5 at most for L_ref <= 21). The maximum is searched as the TM-score
-  program does: superpositions of contiguous fragments of L, L/2, L/4, ... 4 aligned residues as seeds, each
-  refined by re-superposing on the pairs closer than ``d0_search`` (d0 clipped to [4.5, 8]) up to 20 times.
+  ``d0 = 1.24 (L_ref - 15)^(1/3) - 1.8`` (0.5 for L_ref <= 21, never below 0.5). The maximum is searched as the
+  TM-score program does: superpositions of contiguous fragments of L, L/2, L/4, ... 4 aligned residues (every
+  start) as seeds, each refined up to 20 times by re-superposing on the pairs closer than ``d0_search - 1``
+  (first step) and then ``d0_search + 1`` (``d0_search`` = d0 clipped to [4.5, 8]).
 * **GDT-TS / GDT-HA** (Zemla 2003, LGA): mean over the cutoffs (1, 2, 4, 8 A) / (0.5, 1, 2, 4 A) of the largest
   fraction of reference residues within the cutoff under any superposition, searched per cutoff from the same
-  fragment seeds (plus the TM-score and the all-residue superpositions), refined on the pairs within the cutoff.
+  fragment seeds (plus the all-residue and TM-score superpositions), refined on the pairs within the cutoff.
 * **RMSD**: root-mean-square deviation after the optimal (Kabsch 1976) superposition of all masked pairs.
 
 A batched torch lDDT-CA (:func:`lddt_ca_torch`) serves as the pLDDT head's target (supplement 1.9.6).
