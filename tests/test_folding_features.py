@@ -111,6 +111,15 @@ def test_every_extra_sequence_joins_exactly_one_cluster(dataset):
     np.testing.assert_allclose(summary["cluster_profile"].sum(-1), 1.0, atol=1e-4)
 
 
+def test_clustering_in_row_blocks_is_the_same(dataset, monkeypatch):
+    """Deep MSAs are one-hot encoded in blocks of extra rows; the block size must not change the result."""
+    config = dataclasses.replace(dataset.config, max_msa_clusters=4)
+    whole = example(dataset, CHAIN_WITH_MSA, seed=4, config=config)
+    monkeypatch.setattr(ff, "EXTRA_CHUNK", 3)
+    blocks = example(dataset, CHAIN_WITH_MSA, seed=4, config=config)
+    np.testing.assert_allclose(blocks["msa_feat"], whole["msa_feat"], rtol=1e-6, atol=1e-7)
+
+
 def test_masked_msa_rates():
     """15% of entries chosen; a chosen entry becomes the mask token with p 0.7 (supplement 1.2.7)."""
     rng = np.random.default_rng(0)

@@ -179,9 +179,9 @@ def test_query_mismatch_names_file_and_record(tmp_path):
 
 
 def test_bad_letters_empty_files_and_wrong_lengths(tmp_path):
-    with pytest.raises(MsaError, match=r"bad\.a3m: record 's1': character '1' at position 3"):
+    with pytest.raises(MsaError, match=r"bad\.a3m:3: record 's1': character '1' at position 3"):
         read_a3m(write(tmp_path / "bad.a3m", ">q\nACDEF\n>s1\nAC1EF\n"))
-    with pytest.raises(MsaError, match=r"short\.a3m: record 's1': 4 aligned columns.*expected 5"):
+    with pytest.raises(MsaError, match=r"short\.a3m:3: record 's1': 4 aligned columns.*expected 5"):
         read_a3m(write(tmp_path / "short.a3m", ">q\nACDEF\n>s1\nACDE\n"))
     with pytest.raises(MsaError, match=r"empty\.a3m: empty file"):
         read_a3m(write(tmp_path / "empty.a3m", ""))
@@ -201,7 +201,7 @@ def test_cli_one_line_errors_and_no_output(tmp_path, capsys):
     bad = write(tmp_path / "bad.a3m", ">q\nACDEF\n>s1\nAC1EF\n")
     assert msa_lib.main(["info", bad]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {bad}: record 's1'") and "\n" not in err
+    assert err.startswith(f"error: {bad}:3: record 's1'") and "\n" not in err
     good = write(tmp_path / "good.a3m", ">q\nACDEF\n")
     assert msa_lib.main(["info", good, "--sequence", "ACDEW"]) == 2
     assert "differs from --sequence at residue 5" in capsys.readouterr().err

@@ -77,6 +77,8 @@ RESIDUE_AXIS = {
 #: Features with an MSA-row axis (axis 0): the cluster centres and the extra MSA.
 CLUSTER_ROW_KEYS = ("msa", "deletion_matrix", "msa_mask", "msa_feat", "true_msa", "bert_mask")
 EXTRA_ROW_KEYS = ("extra_msa", "extra_has_deletion", "extra_deletion_value", "extra_msa_mask")
+#: Extra-MSA rows one-hot encoded at a time in clustering (bounds the temporaries for deep MSAs).
+EXTRA_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,8 @@ def sample_msa(features: Features, max_msa_clusters: int, rng: np.random.Generat
 def msa_residue_profile(msa: np.ndarray, msa_mask: np.ndarray) -> np.ndarray:
     """float32 [L, 22]: the frequency of each MSA class (amino acids, X, gap) per column over the rows
     (AlphaFold2's ``hhblits_profile``, computed from the MSA it is given)."""
-    counts = (one_hot(msa, 22) * msa_mask[..., None]).sum(0)
+    # Per class rather than through a one-hot [N, L, 22], so deep MSAs (10^4 rows) need no large temporary.
+    counts = np.stack([((msa == c) * msa_mask).sum(0) for c in range(22)], axis=-1)
     return (counts / np.maximum(msa_mask.sum(0), 1e-10)[:, None]).astype(np.float32)
 
 
@@ -240,11 +243,14 @@ def nearest_neighbor_clusters(features: Features) -> np.ndarray:
     """
     weights = np.concatenate([np.ones(21, np.float32), np.zeros(2, np.float32)])
     centres = one_hot(features["msa"], MSA_CLASSES) * features["msa_mask"][..., None] * weights
-    extra = one_hot(features["extra_msa"], MSA_CLASSES) * features["extra_msa_mask"][..., None]
-    if extra.shape[0] == 0:
-        return np.zeros(0, np.int64)
-    agreement = extra.reshape(extra.shape[0], -1) @ centres.reshape(centres.shape[0], -1).T  # [N_extra, N_clust]
-    return np.argmax(agreement, axis=1).astype(np.int64)
+    centres = centres.reshape(centres.shape[0], -1).T  # [L * 23, N_clust]
+    assignment = np.zeros(features["extra_msa"].shape[0], np.int64)
+    for start in range(0, len(assignment), EXTRA_CHUNK):  # in blocks of rows: no [N_extra, L, 23] temporary
+        rows = slice(start, start + EXTRA_CHUNK)
+        extra = one_hot(features["extra_msa"][rows], MSA_CLASSES) * features["extra_msa_mask"][rows][..., None]
+        agreement = extra.reshape(extra.shape[0], -1) @ centres  # [rows, N_clust]
+        assignment[rows] = np.argmax(agreement, axis=1)
+    return assignment
 
 
 def summarize_clusters(features: Features, assignment: np.ndarray) -> Features:
@@ -260,8 +266,11 @@ def summarize_clusters(features: Features, assignment: np.ndarray) -> Features:
         return out
 
     counts = 1e-6 + features["msa_mask"] + segment_sum(extra_mask)
-    profile_sum = segment_sum(extra_mask[..., None] * one_hot(features["extra_msa"], MSA_CLASSES))
-    profile_sum += one_hot(features["msa"], MSA_CLASSES)
+    profile_sum = one_hot(features["msa"], MSA_CLASSES)
+    for start in range(0, len(assignment), EXTRA_CHUNK):
+        rows = slice(start, start + EXTRA_CHUNK)
+        np.add.at(profile_sum, assignment[rows],
+                  extra_mask[rows][..., None] * one_hot(features["extra_msa"][rows], MSA_CLASSES))
     deletion_sum = segment_sum(extra_mask * features["extra_deletion_matrix"]) + features["deletion_matrix"]
     out = dict(features)
     out["cluster_profile"] = (profile_sum / counts[..., None]).astype(np.float32)

@@ -97,7 +97,7 @@ def validate_sequence(sequence: str, source: str = "<sequence>", record: Optiona
 
 def _parse_a3m_row(row: str, source: str, record: str) -> Tuple[np.ndarray, np.ndarray]:
     """One A3M row -> (MSA ids [L] int64, deletion counts [L] int64); raises on characters that are not allowed."""
-    codes = np.frombuffer(row.encode("latin-1"), dtype=np.uint8)
+    codes = np.frombuffer(row.encode("latin-1", errors="replace"), dtype=np.uint8)  # one byte per character
     match, insert, pad = _IS_MATCH[codes], _IS_INSERT[codes], _IS_PAD[codes]
     bad = ~(match | insert | pad)
     if bad.any():
@@ -118,7 +118,9 @@ class Msa:
     21 gap) and ``deletion_matrix`` (int64 [N, L]) are computed once from the rows and cached.
     """
 
-    def __init__(self, rows: Sequence[str], names: Sequence[str], source: str):
+    def __init__(self, rows: Sequence[str], names: Sequence[str], source: str,
+                 locations: Optional[Sequence[str]] = None):
+        """``locations``: per row, where it is (e.g. ``path:line``) for error messages; ``source`` otherwise."""
         if not rows:
             raise MsaError(f"{source}: no sequences; expected the query and its aligned homologues")
         if len(rows) != len(names):
@@ -126,18 +128,19 @@ class Msa:
         self.rows: Tuple[str, ...] = tuple(rows)
         self.names: Tuple[str, ...] = tuple(names)
         self.source = source
+        where = list(locations) if locations is not None else [source] * len(self.rows)
         ids, deletions = [], []
-        for row, name in zip(self.rows, self.names):
-            row_ids, row_deletions = _parse_a3m_row(row, source, name)
+        for row, name, location in zip(self.rows, self.names, where):
+            row_ids, row_deletions = _parse_a3m_row(row, location, name)
             if ids and len(row_ids) != len(ids[0]):
-                raise MsaError(f"{_where(source, name)}: {len(row_ids)} aligned columns (upper case and '-'); "
+                raise MsaError(f"{_where(location, name)}: {len(row_ids)} aligned columns (upper case and '-'); "
                                f"expected {len(ids[0])}, the length of the query {self.names[0]!r}")
             ids.append(row_ids)
             deletions.append(row_deletions)
         if len(ids[0]) == 0:
-            raise MsaError(f"{_where(source, self.names[0])}: the query has no aligned columns")
+            raise MsaError(f"{_where(where[0], self.names[0])}: the query has no aligned columns")
         if (ids[0] == rc.msa_gap_index).any() or deletions[0].any():
-            raise MsaError(f"{_where(source, self.names[0])}: the query (first record) has gaps or insertions; "
+            raise MsaError(f"{_where(where[0], self.names[0])}: the query (first record) has gaps or insertions; "
                            "expected the query sequence itself as the first row")
         self.msa = np.stack(ids)
         self.deletion_matrix = np.stack(deletions)
@@ -236,13 +239,14 @@ def read_a3m(path: str, query: Optional[str] = None) -> Msa:
     ``query``: when given, the first record must be this sequence (else :class:`MsaQueryMismatchError`).
     """
     _check_not_empty(path, "an A3M alignment")
-    rows, names = [], []
+    rows, names, locations = [], [], []
     for record in read_fasta(path):
         rows.append(record.sequence)
         names.append(record.name or record.location)
+        locations.append(record.location)
     if not rows:
         raise MsaError(f"{path}: no FASTA records; expected an A3M alignment ('>' header lines and sequences)")
-    msa = Msa(rows, names, path)
+    msa = Msa(rows, names, path, locations)
     if query is not None:
         msa.check_query(query)
     return msa
