@@ -74,3 +74,11 @@ def random_masks(batch: tuple, n_seq: int, n_res: int, seed: int = 0, p_zero: fl
 def random_inputs(batch: tuple, n_seq: int, n_res: int, c_m: int, c_z: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 1000)
     return torch.randn(*batch, n_seq, n_res, c_m, generator=g), torch.randn(*batch, n_res, n_res, c_z, generator=g)
+
+
+def assert_close_scaled(actual, expected, atol: float = 2e-5, rtol: float = 1e-5, msg: str = "") -> None:
+    """float32 rounding relative to the tensor's scale: |a - b| <= atol * max(1, max|b|) + rtol |b|
+    (gradients of a stack reach tens; an absolute 1e-5 would test rounding, not correctness)."""
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol,
+                               msg=(lambda m: f"{msg}: {m}") if msg else None)

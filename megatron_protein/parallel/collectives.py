@@ -26,12 +26,14 @@ Chunks are taken in group-rank order, chunk ``i`` belonging to the ``i``-th rank
 padding here (an uneven split raises :class:`CollectiveShapeError` naming the dimension, its size and the degree).
 Callers that need padding (DAP over ``N_res``) pad exactly once where the parallel region starts.
 
-The async variants (:func:`all_to_all_async`, :func:`all_reduce_async`, :func:`gather_from_group_async`) start
+The async variants (:func:`all_to_all_async`, :func:`all_reduce_async`, :func:`gather_from_group_async`,
+:func:`all_gather_async`) start
 the communication and return ``(tensor, handle)`` at once, so computation that does not need the result overlaps
 with it, as FastFold's Evoformer overlaps the MSA all-to-all with the pair stack. ``handle.wait()`` completes the
 op in place on ``tensor`` (and returns it). The backward of ``all_to_all_async`` is asynchronous too: the reverse
 exchange is started when autograd reaches the ``wait`` and waited on only when it reaches the start, so the
-backward overlaps the same computation in reverse (the other two have a local backward).
+backward overlaps the same computation in reverse; ``all_gather_async`` does the same with the reduce-scatter of
+its gradient (the other two have a local backward).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ __all__ = [
     "copy_to_group", "reduce_from_group", "reduce_from_group_", "scatter_to_group", "gather_from_group",
     "reduce_scatter_to_group",
     "all_gather", "all_to_all", "broadcast",
-    "AsyncHandle", "all_to_all_async", "all_reduce_async", "gather_from_group_async",
+    "AsyncHandle", "all_to_all_async", "all_reduce_async", "gather_from_group_async", "all_gather_async",
 ]
 
 
@@ -579,3 +581,72 @@ def gather_from_group_async(x: torch.Tensor, dim: int, group) -> tuple[torch.Ten
     state = _AsyncState()
     result = _GatherAsyncStart.apply(x, dim, group, state)
     return result, AsyncHandle(result, lambda r: _GatherAsyncWait.apply(r, dim, group, state))
+
+
+class _AllGatherAsyncStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group, state):
+        ctx.dim, ctx.state = dim, state
+        world = group_size(group)
+        x = x.contiguous()
+        state.buffer = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        state.keep = x
+        state.work = dist.all_gather_single(state.buffer, x, group=group, async_op=True)
+        if dim == 0:
+            return state.buffer
+        shape = list(x.shape)
+        shape[dim] *= world
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad_placeholder):
+        state = ctx.state
+        if state.grad_work is None:
+            raise RuntimeError("all_gather_async: autograd reached the start of the gather without passing its "
+                               "wait; use the tensor returned by handle.wait(), never the result before wait()")
+        state.grad_work.wait()
+        grad = state.grad_buffer
+        state.grad_work = state.grad_buffer = state.grad_keep = None
+        return grad, None, None, None
+
+
+class _AllGatherAsyncWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, result, dim, group, state):
+        ctx.dim, ctx.group, ctx.state = dim, group, state
+        state.work.wait()
+        if dim != 0:
+            torch.cat(state.buffer.chunk(group_size(group), 0), dim=dim, out=result)
+        state.work = state.buffer = state.keep = None
+        ctx.mark_dirty(result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Start the reduce-scatter of the gradient now; _AllGatherAsyncStart.backward waits for it, so it overlaps
+        # the backward of whatever ran between the start and the wait in the forward.
+        state, world, dim = ctx.state, group_size(ctx.group), ctx.dim
+        _check_divisible(grad, dim, world, "all_gather_async (backward)")
+        chunk_shape = list(grad.shape)
+        chunk_shape[dim] //= world
+        stacked = grad.contiguous() if dim == 0 else torch.cat(grad.chunk(world, dim), dim=0)
+        state.grad_buffer = torch.empty(chunk_shape, dtype=grad.dtype, device=grad.device)
+        state.grad_keep = stacked
+        state.grad_work = dist.reduce_scatter_single(state.grad_buffer, stacked, group=ctx.group, async_op=True)
+        return grad, None, None, None  # placeholder of the right shape; the real gradient is in state
+
+
+def all_gather_async(x: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, AsyncHandle]:
+    """Start :func:`all_gather` and return ``(result, handle)`` at once; ``handle.wait()`` completes ``result``.
+
+    Forward: all-gather along ``dim`` overlapping the caller's computation until ``wait()`` (FastFold gathers the
+    pair bias of MSA row attention this way, waiting after the QKV projection). Backward: the reduce-scatter (sum)
+    of the gradient, as for :func:`all_gather` (every rank used the whole gathered tensor differently), started
+    when autograd reaches the wait and waited on when it reaches the start, so it overlaps too.
+    """
+    if _trivial(group):
+        return x, AsyncHandle(x)
+    dim = _normalize_dim(x, dim, "all_gather_async")
+    state = _AsyncState()
+    result = _AllGatherAsyncStart.apply(x, dim, group, state)
+    return result, AsyncHandle(result, lambda r: _AllGatherAsyncWait.apply(r, dim, group, state))

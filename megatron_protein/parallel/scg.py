@@ -20,6 +20,7 @@ run executes the same code path as the parallel one.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import math
@@ -32,6 +33,14 @@ import torch.distributed as dist
 
 #: The axis that replicates the model; every other axis splits it (and together they form the 'mp' group).
 DATA_PARALLEL_AXIS = "dp"
+
+#: Axes that split activations of one replica (the folding model): all of their ranks compute parts of the same
+#: forward pass, so they must draw the same random numbers; ``init_process_group`` demands a seed for them.
+SEEDED_AXES = ("dap", "bp")
+
+#: Largest degree an axis supports. Branch parallelism has two branches (the MSA branch and the pair branch of
+#: the Parallel Evoformer block, see ``parallel/bp.py``), so bp is 1 or 2.
+MAX_DEGREE = {"bp": 2}
 
 
 class ParallelConfigError(ValueError):
@@ -180,6 +189,7 @@ def init_process_group(
     parallel_degree: Sequence[tuple[str, Optional[int]]] = (("dp", None),),
     backend: Optional[str] = None,
     timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+    seed: Optional[int] = None,
 ) -> ParallelGroups:
     """Build every group of ``parallel_degree`` and make the result :func:`current`.
 
@@ -190,6 +200,11 @@ def init_process_group(
     Besides one group per axis, two compound groups are made: ``'mp'`` (every axis but ``dp``: the ranks that hold
     one replica of the model, over which a global gradient norm is summed) and ``'world'``. When a ``pp`` axis of
     degree > 1 exists, ``'pp_ends'`` holds the first and last pipeline stage of each replica (tied embeddings).
+
+    ``seed``: when given, seeds every rank's generators with it (through ``random.model_parallel_seed``). It is
+    required when ``dap`` or ``bp`` has degree > 1 (the seeds' rule: the ranks of those axes compute one forward
+    pass between them, so their dropout masks must agree). Every check (degrees against the world size, the bp
+    limit, the missing seed) raises :class:`ParallelConfigError` on every rank before any collective.
     """
     global _CURRENT
     if dist.is_available() and dist.is_initialized():
@@ -199,9 +214,11 @@ def init_process_group(
         rank = int(os.environ.get("RANK", "0"))
     degrees = resolve_degrees(parallel_degree, world_size)
     axes = tuple(degrees)
+    check_folding_degrees(degrees, seed)
 
     if world_size == 1 and not dist.is_initialized():
         _CURRENT = _single_process(axes, degrees)
+        _seed(seed, _CURRENT)
         return _CURRENT
 
     if not dist.is_initialized():
@@ -238,7 +255,52 @@ def init_process_group(
                 pg._ranks["pp_ends"] = ends
                 pg._groups["pp_ends"] = group
     _CURRENT = pg
+    _seed(seed, pg)
     return pg
+
+
+def check_folding_degrees(degrees: dict[str, int], seed: Optional[int]) -> None:
+    """The per-axis limits (:data:`MAX_DEGREE`) and the seed rule (:data:`SEEDED_AXES`); raise before any
+    collective, with the same message on every rank (it depends only on the arguments)."""
+    for axis, limit in MAX_DEGREE.items():
+        if degrees.get(axis, 1) > limit:
+            raise ParallelConfigError(
+                f"degree {degrees[axis]} for axis '{axis}' is not supported (at most {limit}): branch parallelism "
+                f"splits an Evoformer block into its two branches (MSA and pair), so --bp_degree is 1 or 2; use "
+                f"dap or dp for more ranks")
+    split = {a: degrees[a] for a in SEEDED_AXES if degrees.get(a, 1) > 1}
+    if split and seed is None:
+        raise ParallelConfigError(
+            f"init_process_group(..., seed=None) with {', '.join(f'{a}={d}' for a, d in split.items())}: a seed is "
+            f"required when dap or bp > 1, so that the ranks that share one forward pass draw the same random "
+            f"numbers; pass seed=S (the launcher's --seed)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ParallelConfigError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def _seed(seed: Optional[int], pg: ParallelGroups) -> None:
+    if seed is None:
+        return
+    from megatron_protein.parallel.random import model_parallel_seed  # random imports this module
+    model_parallel_seed(seed, pg)
+
+
+@contextlib.contextmanager
+def as_single_process():
+    """Run the block as one process would: ``current()`` is a layout with every degree 1, so every hook of
+    ``dap``/``bp`` and every collective called through ``current()`` is the identity.
+
+    For references computed inside a multi-process run (tests compare a rank's parallel result with the same
+    model at degree 1 on the same inputs) and for work one rank does alone. Run the backward of anything computed
+    here inside the block too: activation recomputation in a later backward would see the real layout.
+    """
+    global _CURRENT
+    saved = _CURRENT
+    _CURRENT = _single_process(("dp",), {"dp": 1})
+    try:
+        yield _CURRENT
+    finally:
+        _CURRENT = saved
 
 
 def destroy_process_group() -> None:

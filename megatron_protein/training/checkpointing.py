@@ -115,7 +115,8 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
                     save_rng: bool = True) -> str:
     """Write this rank's part of the checkpoint of ``iteration`` into ``save``; return the iteration directory.
 
-    Collective over the world: every rank must call it (only dp rank 0 writes files).
+    Collective over the world: every rank must call it (only the first replica of each tp/pp shard writes files:
+    dp rank 0, and rank 0 of any other axis that replicates the weights, such as the folding model's dap and bp).
     """
     groups = groups if groups is not None else scg.current()
     final_dir = iteration_dir(save, iteration)
@@ -127,7 +128,7 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
         os.makedirs(tmp_dir)
     _barrier(groups)
 
-    if groups.rank_in("dp") == 0:
+    if all(groups.rank_in(axis) == 0 for axis in groups.axes if axis not in ("tp", "pp")):
         state: dict[str, Any] = {
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,

@@ -34,8 +34,10 @@ from megatron_protein.data.folding_dataset import (DEFAULT_MSA_DIR, FoldingBatch
 from megatron_protein.data.folding_features import FeatureConfig
 from megatron_protein.models.folding.config import FoldingConfig, architecture_differences
 from megatron_protein.models.folding.losses import alphafold_loss
+from megatron_protein.models.folding.dist_trunk import parameter_groups
 from megatron_protein.models.folding.model import AlphaFold, sample_num_recycles
-from megatron_protein.parallel import scg
+from megatron_protein.parallel import bp, collectives, dap, dp, scg
+from megatron_protein.parallel.fused_params import fuse_param_groups
 from megatron_protein.training import checkpointing
 from megatron_protein.training.folding_arguments import RunOptions
 from megatron_protein.training.folding_eval import evaluate, format_summary
@@ -101,8 +103,20 @@ class FoldingTrainer:
         t = config.train
         torch.manual_seed(t.seed)
         self.model = AlphaFold(config).to(self.device)
+        # DP x DAP x BP (docs/parallel_folding.md): refuse a layout the model cannot run before any collective, then
+        # start every rank from rank 0's weights. The optimizer's groups are tagged by where each parameter runs
+        # (dist_trunk.parameter_groups) and each is one flat buffer, so each gradient sync is one collective per
+        # group. The groups are the same at every degree, so a checkpoint resumes under any layout.
+        self.model.trunk.check_parallel(groups)
+        dp.param_sync(self.model, groups, src_rank=0)
+        self.param_groups = parameter_groups(self.model)
+        self.fused = fuse_param_groups(self.param_groups)
+        # After the syncs every rank holds the whole gradient, so its norm is computed locally: a layout without
+        # process groups (summing squares over 'mp' = dap x bp, as the TP/PP pretraining does, would count it
+        # dap * bp times).
+        self._local = scg.ParallelGroups(axes=("dp",), degrees={"dp": 1}, device=groups.device)
         # Adam without weight decay (AF2); fused multi-tensor update where available.
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+        self.optimizer = torch.optim.Adam(self.param_groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                           eps=t.adam_eps, foreach=True)
         self.scheduler = LRScheduler(self.optimizer, t.lr, t.min_lr, t.warmup_steps,
                                      max(t.train_step, t.warmup_steps), t.lr_decay_style)
@@ -169,7 +183,7 @@ class FoldingTrainer:
         norm before clipping, skipped)."""
         cfg = self.config
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.fused.zero_grad()  # keeps every .grad a view of its group's flat buffer
         num_recycles = sample_num_recycles(cfg.model.max_recycling_iters, cfg.train.seed, step)
         clamped = step_draw(cfg.train.seed, step, 1) < cfg.loss.fape_clamp_fraction
         with self.autocast():
@@ -177,13 +191,25 @@ class FoldingTrainer:
         loss, terms = alphafold_loss(outputs, batch, cfg, use_clamped_fape=clamped, step=step)
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = float("nan")
-        if torch.isfinite(loss):
+        # In a parallel run every rank goes through backward and the syncs whatever its loss (a rank that skipped
+        # would leave its peers waiting in a collective); a non-finite gradient anywhere becomes NaN everywhere in
+        # the sums, so every rank skips the step together.
+        if torch.isfinite(loss) or self.groups.distributed:
             loss.backward()
-            norm = (clip_grad_norm(params, cfg.train.grad_clip, self.groups) if cfg.train.grad_clip > 0
-                    else grad_norm(params, self.groups))
+            groups = self.optimizer.param_groups
+            bp.grad_sync(groups, self.groups)    # SUM over bp: each branch's parameters ran on one bp rank
+            dap.grad_sync(groups, self.groups)   # SUM over dap: each dap rank ran them on its slice
+            dp.grad_sync(groups, self.groups)    # MEAN over dp: each dp rank had its part of the batch
+            norm = (clip_grad_norm(params, cfg.train.grad_clip, self._local) if cfg.train.grad_clip > 0
+                    else grad_norm(params, self._local))
+        if self.groups.size("dp") > 1:  # log the global batch's mean, the quantity the synced gradient is of
+            names = sorted(terms)
+            total = collectives.reduce_from_group(torch.stack([terms[k].float() for k in names]).to(self.device),
+                                                  self.groups.group("dp")) / self.groups.size("dp")
+            terms = dict(zip(names, total.unbind()))
         skipped = not math.isfinite(norm)
         if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.fused.zero_grad()
         else:
             self.optimizer.step()
             self.scheduler.step()

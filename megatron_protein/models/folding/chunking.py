@@ -22,6 +22,19 @@ import torch
 import torch.utils.checkpoint
 
 
+def autocast_state(t: torch.Tensor) -> tuple:
+    """The autocast setting in force for ``t``'s device, for a custom autograd function to save in forward."""
+    device_type = t.device.type
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def autocast_as(state: tuple):
+    """``with autocast_as(ctx.autocast):`` in backward recomputes under the forward's autocast setting (bf16
+    training recomputes in bf16, as its forward ran), the way ``torch.amp.custom_bwd`` does for one device type."""
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 def _batch_shape(inputs: Sequence[Optional[torch.Tensor]], num_batch_dims: int) -> torch.Size:
     shapes = []
     for t in inputs:
@@ -73,6 +86,32 @@ def chunk_layer(fn: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch
             out[tuple(slice(i, i + 1) for i in lead)].narrow(last, start, end - start).copy_(y)
             del y
     return out
+
+
+#: Batch chunks of the recomputed attention core hold about this many logits (32 MiB in float32).
+ATTENTION_CHUNK_ELEMENTS = 1 << 23
+
+
+def attention_recompute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                        mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``softmax(scale q k^T + bias, masked) v`` for ``q, k, v [*, B, H, Q, c]``, keeping no probabilities.
+
+    The batch dim B (MSA rows, pair rows, columns) is cut into chunks of about :data:`ATTENTION_CHUNK_ELEMENTS`
+    logits; each chunk goes through the kernels' :func:`~megatron_protein.kernels.tiled_attention` with one tile
+    spanning all queries and keys, which saves only its output and log-sum-exp and recomputes the chunk's
+    probabilities in backward (FlashAttention's backward, Dao et al. 2022). The same function as the plain core;
+    training memory O(chunk H Q K) instead of O(B H Q K) saved probabilities plus as much again for their gradient.
+    ``bias`` (``[*, 1, H, Q, K]``, shared over B) and ``mask`` (``[*, B|1, 1|H, 1|Q, K]``) broadcast as usual.
+    """
+    from megatron_protein.kernels import tiled_attention
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    per_row = q.shape[-3] * n_q * n_k
+    rows = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, per_row))
+
+    def core(q_, k_, v_, bias_, mask_):
+        return tiled_attention(q_, k_, v_, bias_, mask_, scale, q_tile=n_q, k_tile=n_k)
+
+    return chunk_layer(core, (q, k, v, bias, mask), rows, num_batch_dims=q.dim() - 3)
 
 
 def checkpoint_block(fn: Callable[..., tuple], *args, **kwargs):

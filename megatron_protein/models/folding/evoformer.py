@@ -37,7 +37,7 @@ from megatron_protein.models.folding.chunking import checkpoint_block
 from megatron_protein.models.folding.msa import (MSAColumnAttention, MSAColumnGlobalAttention,
                                                  MSARowAttentionWithPairBias)
 from megatron_protein.models.folding.outer_product_mean import OuterProductMean
-from megatron_protein.models.folding.primitives import Linear, bp, check_masks, dap, residual_add
+from megatron_protein.models.folding.primitives import Linear, bp, check_masks, dap
 from megatron_protein.models.folding.transition import Transition
 from megatron_protein.models.folding.triangle_attention import TriangleAttention
 from megatron_protein.models.folding.triangle_multiplication import TriangleMultiplicativeUpdate
@@ -67,6 +67,10 @@ class EvoformerConfig:
     opm_eps: float = 1e-3
     global_attention_eps: float = 1e-10
     recompute: bool = False  # activation recompute of every block (training memory)
+    # Training memory: attention probabilities and the transitions' 4x hidden recomputed in backward instead of kept
+    # (same gradients; a few % more compute). The triangle updates and the outer product mean always recompute
+    # their (cheap) projections.
+    lean_training: bool = True
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self):
@@ -99,45 +103,63 @@ class EvoformerBlock(torch.nn.Module):
     """Algorithm 6 (one iteration): ``(m [*, S, R, c_m], z [*, R, R, c_z], msa_mask [*, S, R], pair_mask
     [*, R, R]) -> (m, z)``; see the module docstring. ``chunk_size`` chunks every module for inference."""
 
+    #: This block calls the DAP/BP hooks, so it may run on split activations (``dap.require_hooks``).
+    parallel_hooks = True
+
     def __init__(self, config: EvoformerConfig):
         super().__init__()
         c, f = config, config.fusion
         self.config = config
         self.opm_position = c.outer_product_mean_position
-        self.msa_att_row = MSARowAttentionWithPairBias(c.c_m, c.c_z, c.c_hidden_msa_att, c.num_heads_msa, fusion=f)
+        ar = c.lean_training
+        self.msa_att_row = MSARowAttentionWithPairBias(c.c_m, c.c_z, c.c_hidden_msa_att, c.num_heads_msa, fusion=f,
+                                                       attention_recompute=ar)
         if c.global_column_attention:
             self.msa_att_col = MSAColumnGlobalAttention(c.c_m, c.c_hidden_msa_att, c.num_heads_msa,
                                                         eps=c.global_attention_eps, fusion=f)
         else:
-            self.msa_att_col = MSAColumnAttention(c.c_m, c.c_hidden_msa_att, c.num_heads_msa, fusion=f)
-        self.msa_transition = Transition(c.c_m, c.transition_n, fusion=f)
+            self.msa_att_col = MSAColumnAttention(c.c_m, c.c_hidden_msa_att, c.num_heads_msa, fusion=f,
+                                                  attention_recompute=ar)
+        self.msa_transition = Transition(c.c_m, c.transition_n, fusion=f, recompute=ar)
         self.outer_product_mean = OuterProductMean(c.c_m, c.c_z, c.c_hidden_opm, eps=c.opm_eps, fusion=f)
         self.tri_mul_out = TriangleMultiplicativeUpdate(c.c_z, c.c_hidden_mul, outgoing=True, fusion=f)
         self.tri_mul_in = TriangleMultiplicativeUpdate(c.c_z, c.c_hidden_mul, outgoing=False, fusion=f)
-        self.tri_att_start = TriangleAttention(c.c_z, c.c_hidden_pair_att, c.num_heads_pair, starting=True, fusion=f)
-        self.tri_att_end = TriangleAttention(c.c_z, c.c_hidden_pair_att, c.num_heads_pair, starting=False, fusion=f)
-        self.pair_transition = Transition(c.c_z, c.transition_n, fusion=f)
+        self.tri_att_start = TriangleAttention(c.c_z, c.c_hidden_pair_att, c.num_heads_pair, starting=True, fusion=f,
+                                               attention_recompute=ar)
+        self.tri_att_end = TriangleAttention(c.c_z, c.c_hidden_pair_att, c.num_heads_pair, starting=False, fusion=f,
+                                             attention_recompute=ar)
+        self.pair_transition = Transition(c.c_z, c.transition_n, fusion=f, recompute=ar)
         # Row-/column-shared dropout fused with the residual add (supplement 1.11.6).
         self.msa_dropout_rowwise = f.bias_dropout_add(c.msa_dropout, broadcast_dim=-3)
         self.pair_dropout_rowwise = f.bias_dropout_add(c.pair_dropout, broadcast_dim=-3)
         self.pair_dropout_columnwise = f.bias_dropout_add(c.pair_dropout, broadcast_dim=-2)
 
     # -- residual updates ---------------------------------------------------------------------------------------
-    def _dropout_add(self, dropout, update: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if dropout.training and dropout.p > 0.0:
-            return dropout(update, None, residual)
-        return residual_add(residual, update, inplace=self._owned(residual))
-
-    def _add(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        return residual_add(residual, update, inplace=self._owned(residual))
+    def _update(self, module, dropout, x: torch.Tensor, *args) -> torch.Tensor:
+        """``x + dropout(module(x, *args))``. In inference, when this call owns ``x`` (created it, or was given it
+        with ``inplace=True``), the update is added in place (``module.add_into``: chunk by chunk for the pair
+        modules, so no second pair representation is ever allocated)."""
+        dropping = dropout is not None and dropout.training and dropout.p > 0.0
+        if not dropping and self._owned(x):
+            if hasattr(module, "add_into"):
+                return module.add_into(x, *args)
+            return x.add_(module(x, *args))
+        update = module(x, *args)
+        return self._new(dropout(update, None, x) if dropping else x + update)
 
     def _owned(self, t: torch.Tensor) -> bool:
-        # In-place adds only into tensors this call created (never into the caller's m and z).
         return not torch.is_grad_enabled() and any(t is o for o in self._created)
 
     def _new(self, t: torch.Tensor) -> torch.Tensor:
         self._created.append(t)
         return t
+
+    def _switch(self, layout_switch, x: torch.Tensor) -> torch.Tensor:
+        """A DAP layout switch; its result is a new tensor this call owns unless it is ``x`` itself (degree 1)."""
+        y = layout_switch(x)
+        if y is not x and any(x is o for o in self._created):
+            self._new(y)
+        return y
 
     # -- the two halves of the block --------------------------------------------------------------------------
     def msa_stack(self, m, z, msa_mask, chunk_size):
@@ -145,55 +167,76 @@ class EvoformerBlock(torch.nn.Module):
         layout ``[*, S, R/n, c_m]``."""
         mask_row = dap.local_slice(msa_mask, -2)  # [*, S/n, R]
         mask_col = dap.local_slice(msa_mask, -1)  # [*, S, R/n]
-        m = self._new(self._dropout_add(self.msa_dropout_rowwise,
-                                        self.msa_att_row(m, z, mask_row, chunk_size), m))
-        m = dap.row_to_col(m)  # [*, S/n, R, c_m] -> [*, S, R/n, c_m]
-        m = self._new(self._add(m, self.msa_att_col(m, mask_col, chunk_size)))
-        m = self._new(self._add(m, self.msa_transition(m, mask_col, chunk_size)))
+        m = self._update(self.msa_att_row, self.msa_dropout_rowwise, m, z, mask_row, chunk_size)
+        m = self._switch(dap.row_to_col, m)  # [*, S/n, R, c_m] -> [*, S, R/n, c_m]
+        m = self._update(self.msa_att_col, None, m, mask_col, chunk_size)
+        m = self._update(self.msa_transition, None, m, mask_col, chunk_size)
         return m
 
-    def opm(self, m_col, msa_mask, chunk_size):
-        """Outer product mean of m in column layout; the update lands on the local pair rows ``[*, R/n, R, c_z]``."""
-        return self.outer_product_mean(m_col, dap.local_slice(msa_mask, -1), chunk_size)
+    def add_opm(self, z, m_col, msa_mask, chunk_size):
+        """``z + OuterProductMean(m)`` with m in column layout; the update lands on the local pair rows."""
+        mask_col = dap.local_slice(msa_mask, -1)
+        if self._owned(z):
+            return self.outer_product_mean.add_into(z, m_col, mask_col, chunk_size)
+        return self._new(z + self.outer_product_mean(m_col, mask_col, chunk_size))
 
     def pair_stack(self, z, pair_mask, chunk_size):
         """Triangle updates, triangle attention and the pair transition; z enters and leaves in row layout."""
         mask_row = dap.local_slice(pair_mask, -2)  # [*, R/n, R]
         mask_col = dap.local_slice(pair_mask, -1)  # [*, R, R/n]
-        z = self._new(self._dropout_add(self.pair_dropout_rowwise, self.tri_mul_out(z, mask_row), z))
-        z = dap.row_to_col(z)  # [*, R/n, R, c_z] -> [*, R, R/n, c_z]
-        z = self._new(self._dropout_add(self.pair_dropout_rowwise, self.tri_mul_in(z, mask_col), z))
-        z = dap.col_to_row(z)
-        z = self._new(self._dropout_add(self.pair_dropout_rowwise, self.tri_att_start(z, mask_row, chunk_size), z))
-        z = dap.row_to_col(z)
-        z = self._new(self._dropout_add(self.pair_dropout_columnwise, self.tri_att_end(z, mask_col, chunk_size), z))
-        z = self._new(self._add(z, self.pair_transition(z, mask_col, chunk_size)))
-        z = dap.col_to_row(z)
+        z = self._update(self.tri_mul_out, self.pair_dropout_rowwise, z, mask_row)
+        z = self._incoming(z, mask_col)
+        z = self._update(self.tri_att_start, self.pair_dropout_rowwise, z, mask_row, chunk_size)
+        z = self._switch(dap.row_to_col, z)  # [*, R/n, R, c_z] -> [*, R, R/n, c_z]
+        z = self._update(self.tri_att_end, self.pair_dropout_columnwise, z, mask_col, chunk_size)
+        z = self._update(self.pair_transition, None, z, mask_col, chunk_size)
+        z = self._switch(dap.col_to_row, z)
         return z
 
     def msa_branch(self, m, z, msa_mask, chunk_size):
         """Parallel Evoformer, MSA branch: ``(m, z) -> (m_new, opm_update)`` (m_new in row layout)."""
         m = self.msa_stack(m, z, msa_mask, chunk_size)
-        opm_update = self.opm(m, msa_mask, chunk_size)
+        opm_update = self.outer_product_mean(m, dap.local_slice(msa_mask, -1), chunk_size)
         return dap.col_to_row(m), opm_update
+
+    def _incoming(self, z, mask_col):
+        """Triangle multiplication incoming, in column layout. With dropout its update goes back to row layout before
+        the row-wise dropout-add, so the mask shared along rows is drawn at its full [1, R, c_z] on every rank (in
+        column layout each rank would draw [1, R/n, c_z] and the ranks' column blocks would repeat one pattern);
+        without dropout z itself switches (and is updated in place in inference). Same all_to_all count."""
+        dropout = self.pair_dropout_rowwise
+        if dropout.training and dropout.p > 0.0:
+            update = dap.col_to_row(self.tri_mul_in(dap.row_to_col(z), mask_col))  # [*, R/n, R, c_z]
+            return self._new(dropout(update, None, z))
+        z = self._update(self.tri_mul_in, None, self._switch(dap.row_to_col, z), mask_col)
+        return self._switch(dap.col_to_row, z)
 
     def pair_branch(self, z, pair_mask, chunk_size):
         """Parallel Evoformer, pair branch: ``z -> z_new`` without the block's outer product mean."""
         return self.pair_stack(z, pair_mask, chunk_size)
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
-                pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None):
-        check_masks("EvoformerBlock", m, z, msa_mask, pair_mask)
-        self._created: list[torch.Tensor] = []
+                pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                inplace: bool = False):
+        """``inplace=True`` (inference only; ignored when autograd records) lets the block overwrite ``m`` and ``z``
+        instead of allocating new ones, as OpenFold's ``inplace_safe``."""
+        if not dap.is_enabled():  # under DAP m and z are row-layout slices; the stack checked the whole shapes
+            check_masks("EvoformerBlock", m, z, msa_mask, pair_mask)
+        else:  # every rank slices the whole masks (dap.local_slice); None means all real
+            if msa_mask is None:
+                msa_mask = m.new_ones(*m.shape[:-3], m.shape[-3] * dap.get_world_size(), m.shape[-2])
+            if pair_mask is None:
+                pair_mask = z.new_ones(*z.shape[:-3], z.shape[-2], z.shape[-2])
+        self._created: list[torch.Tensor] = [m, z] if inplace else []
         try:
             if self.opm_position == "end":
                 return bp.run_branches(lambda m_, z_: self.msa_branch(m_, z_, msa_mask, chunk_size),
                                        lambda z_: self.pair_branch(z_, pair_mask, chunk_size), m, z)
             if self.opm_position == "first":
-                z = self._new(self._add(z, self.opm(dap.row_to_col(m), msa_mask, chunk_size)))
+                z = self.add_opm(z, dap.row_to_col(m), msa_mask, chunk_size)
             m = self.msa_stack(m, z, msa_mask, chunk_size)
             if self.opm_position == "middle":
-                z = self._new(self._add(z, self.opm(m, msa_mask, chunk_size)))
+                z = self.add_opm(z, m, msa_mask, chunk_size)
             m, m_handle = dap.col_to_row_async(m)  # overlapped with the pair stack (FastFold's duality async)
             z = self.pair_stack(z, pair_mask, chunk_size)
             return m_handle.wait(), z
@@ -211,20 +254,35 @@ class EvoformerStack(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(EvoformerBlock(config) for _ in range(config.num_blocks))
         self.linear = Linear(config.c_m, config.c_s)
 
-    def run_blocks(self, m, z, msa_mask, pair_mask, chunk_size):
+    def run_blocks(self, m, z, msa_mask, pair_mask, chunk_size, inplace: bool = False, return_msa: bool = True):
+        """Scatter to row layout, run the blocks, gather. Sizes must divide the dap degree (the trunk,
+        ``DistEmbeddingsAndEvoformer``, pads them). With the Parallel Evoformer the blocks sit between
+        ``bp.enter_stack`` and ``bp.exit_stack`` (the MSA stays on the MSA-branch rank inside the stack).
+        ``return_msa=False`` (the extra-MSA stack) skips gathering an MSA nobody reads and returns ``(None, z)``.
+        In inference every block after the first may overwrite what the previous block returned (``inplace``: the
+        first one too)."""
         check_masks(type(self).__name__, m, z, msa_mask, pair_mask)
         m = dap.scatter(m, dim=-3)  # row layout: [*, S/n, R, c_m]
         z = dap.scatter(z, dim=-3)  # [*, R/n, R, c_z]
-        for block in self.blocks:
-            if self.config.recompute:
+        branched = self.config.outer_product_mean_position == "end"
+        if branched:
+            m, z = bp.enter_stack(m, z)
+        for index, block in enumerate(self.blocks):
+            if self.config.recompute and torch.is_grad_enabled():
                 m, z = checkpoint_block(block, m, z, msa_mask, pair_mask, chunk_size)
             else:
-                m, z = block(m, z, msa_mask, pair_mask, chunk_size)
+                m, z = block(m, z, msa_mask, pair_mask, chunk_size, inplace=inplace or index > 0)
+        if not return_msa:
+            return None, dap.gather(z, dim=-3)
+        if branched:
+            m = bp.exit_stack(m)
         return dap.gather(m, dim=-3), dap.gather(z, dim=-3)
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
-                pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None):
-        m, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size)
+                pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                inplace: bool = False):
+        """``inplace=True``: in inference the stack may overwrite ``m`` and ``z`` (the caller's tensors)."""
+        m, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, inplace)
         return m, z, self.linear(m[..., 0, :, :])
 
 
@@ -245,8 +303,9 @@ class ExtraMSAStack(EvoformerStack):
         self.blocks = torch.nn.ModuleList(ExtraMSABlock(self.config) for _ in range(config.num_blocks))
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
-                pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
-        _, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size)
+                pair_mask: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                inplace: bool = False) -> torch.Tensor:
+        _, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, inplace, return_msa=False)
         return z
 
 

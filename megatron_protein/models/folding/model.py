@@ -26,12 +26,9 @@ from typing import Optional
 
 import torch
 
-from megatron_protein.kernels import FusionConfig
-from megatron_protein.models.folding.config import FoldingConfig, ModelConfig
-from megatron_protein.models.folding.embedders import (ExtraMSAEmbedder, InputEmbedder, ProfileEmbedder,
-                                                       RecyclingEmbedder, extra_msa_features,
-                                                       pseudo_beta_from_atom37)
-from megatron_protein.models.folding.evoformer import EvoformerConfig, EvoformerStack, ExtraMSAStack
+from megatron_protein.models.folding.config import FoldingConfig
+from megatron_protein.models.folding.dist_trunk import DistEmbeddingsAndEvoformer, evoformer_config  # noqa: F401
+from megatron_protein.models.folding.embedders import pseudo_beta_from_atom37
 from megatron_protein.models.folding.heads import DistogramHead, MaskedMSAHead, PLDDTHead, plddt_from_logits
 from megatron_protein.models.folding.structure_module import StructureModule
 
@@ -39,15 +36,6 @@ from megatron_protein.models.folding.structure_module import StructureModule
 #: extra-MSA stack has blocks.
 MODEL_FEATURES = ("aatype", "residue_index", "seq_mask", "target_feat", "msa_feat", "msa_mask")
 EXTRA_MSA_FEATURES = ("extra_msa", "extra_has_deletion", "extra_deletion_value", "extra_msa_mask")
-PROFILE_FEATURES = ("profile", "profile_mask")
-
-
-def evoformer_config(model: ModelConfig, extra: bool) -> EvoformerConfig:
-    """The Evoformer module config of the main (``extra=False``) or extra-MSA stack from the run config."""
-    section = model.extra_msa if extra else model.evoformer
-    fusion = FusionConfig() if model.fused_kernels else FusionConfig.unfused()
-    return EvoformerConfig(c_m=model.c_e if extra else model.c_m, c_z=model.c_z, c_s=model.c_s, fusion=fusion,
-                           global_column_attention=extra, **dataclasses.asdict(section))
 
 
 def sample_num_recycles(max_recycling_iters: int, seed: int, step: int) -> int:
@@ -65,15 +53,9 @@ class AlphaFold(torch.nn.Module):
         self.config = config
         m = config.model
         fused = m.fused_kernels
-        self.input_embedder = InputEmbedder(m.target_feat_dim, m.msa_feat_dim, m.c_m, m.c_z, m.relpos_k)
-        self.profile_embedder = ProfileEmbedder(m.c_m) if m.use_profile else None
-        self.recycling_embedder = RecyclingEmbedder(m.c_m, m.c_z, m.recycle_min_bin, m.recycle_max_bin,
-                                                    m.recycle_num_bins, fused=fused)
-        self.use_extra_msa = m.extra_msa.num_blocks > 0
-        if self.use_extra_msa:
-            self.extra_msa_embedder = ExtraMSAEmbedder(m.extra_msa_feat_dim, m.c_e)
-            self.extra_msa_stack = ExtraMSAStack(evoformer_config(m, extra=True))
-        self.evoformer = EvoformerStack(evoformer_config(m, extra=False))
+        # Embedders + extra-MSA stack + Evoformer: one class at every dap/bp degree (identity hooks at degree 1).
+        self.trunk = DistEmbeddingsAndEvoformer(m)
+        self.use_extra_msa = self.trunk.use_extra_msa
         sm = m.structure_module
         self.structure_module = StructureModule(m.c_s, m.c_z, sm.c_ipa, sm.num_heads_ipa, sm.num_qk_points,
                                                 sm.num_v_points, sm.num_layers, sm.num_transition_layers,
@@ -87,22 +69,7 @@ class AlphaFold(torch.nn.Module):
     def iteration(self, batch: dict, prev: tuple, chunk_size: Optional[int]) -> dict:
         """Algorithm 2 lines 5-19 for one recycling iteration; ``prev = (m_1, z, x)`` of the last one."""
         seq_mask = batch["seq_mask"].to(batch["target_feat"].dtype)
-        pair_mask = seq_mask[..., :, None] * seq_mask[..., None, :]
-        msa_mask = batch["msa_mask"].to(seq_mask.dtype)
-        m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
-        m_prev, z_prev, x_prev = prev
-        m_update, z_update = self.recycling_embedder(m_prev.to(m.dtype), z_prev.to(z.dtype), x_prev)
-        if self.profile_embedder is not None:
-            m_update = m_update + self.profile_embedder(batch["profile"].to(m.dtype),
-                                                        batch["profile_mask"].to(m.dtype))
-        m = torch.cat([m[..., :1, :, :] + m_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
-        z = z + z_update
-        if self.use_extra_msa:
-            feat = extra_msa_features(batch["extra_msa"], batch["extra_has_deletion"],
-                                      batch["extra_deletion_value"])
-            a = self.extra_msa_embedder(feat.to(m.dtype))
-            z = self.extra_msa_stack(a, z, batch["extra_msa_mask"].to(m.dtype), pair_mask, chunk_size)
-        m, z, s = self.evoformer(m, z, msa_mask, pair_mask, chunk_size)
+        m, z, s = self.trunk(batch, prev, chunk_size)
         sm = self.structure_module(s, z, batch["aatype"], seq_mask, batch["residue_index"])
         return {"msa": m, "pair": z, "single_evoformer": s, **sm}
 
@@ -113,9 +80,7 @@ class AlphaFold(torch.nn.Module):
         ``single [B, R, c_s]``, ``distogram_logits [B, R, R, 64]``, ``masked_msa_logits [B, S, R, 23]``,
         ``plddt_logits [B, R, 50]``, ``plddt [B, R]`` (0-100) and ``num_recycles``.
         """
-        needed = (MODEL_FEATURES + (EXTRA_MSA_FEATURES if self.use_extra_msa else ())
-                  + (PROFILE_FEATURES if self.profile_embedder is not None else ()))
-        missing = [k for k in needed if k not in batch]
+        missing = [k for k in MODEL_FEATURES + (EXTRA_MSA_FEATURES if self.use_extra_msa else ()) if k not in batch]
         if missing:
             raise KeyError(f"AlphaFold.forward: the batch lacks feature(s) {', '.join(missing)}")
         if num_recycles is None:

@@ -22,7 +22,7 @@ import torch
 from megatron_protein.kernels import FusionConfig, masked_softmax
 from megatron_protein.kernels import dispatch
 from megatron_protein.models.folding.chunking import chunk_layer
-from megatron_protein.models.folding.primitives import Linear, dap, masked_out
+from megatron_protein.models.folding.primitives import EvoformerAttention, Linear, dap, masked_out, pair_bias_projection
 
 
 class MSARowAttentionWithPairBias(torch.nn.Module):
@@ -33,17 +33,18 @@ class MSARowAttentionWithPairBias(torch.nn.Module):
         update = Linear(concat_h o)
     """
 
-    def __init__(self, c_m: int, c_z: int, c_hidden: int, num_heads: int, fusion: FusionConfig = FusionConfig()):
+    def __init__(self, c_m: int, c_z: int, c_hidden: int, num_heads: int, fusion: FusionConfig = FusionConfig(),
+                 attention_recompute: bool = True):
         super().__init__()
         self.c_m, self.c_z, self.c_hidden, self.num_heads = c_m, c_z, c_hidden, num_heads
         self.layer_norm_m = fusion.layer_norm(c_m)
         self.layer_norm_z = fusion.layer_norm(c_z)
         self.linear_z = Linear(c_z, num_heads, bias=False, init="normal")
-        self.attention = fusion.gated_self_attention(c_m, c_hidden, num_heads)
+        self.attention = EvoformerAttention(c_m, c_hidden, num_heads, fusion, recompute=attention_recompute)
 
     def pair_bias(self, z: torch.Tensor) -> torch.Tensor:
         """``z [*, R, R, c_z] -> [*, 1, H, R, R]``, shared by every MSA row (DAP: gathered from local pair rows)."""
-        b = self.linear_z(self.layer_norm_z(z))  # [*, R(/n), R, H]
+        b = pair_bias_projection(z, self.layer_norm_z, self.linear_z)  # [*, R(/n), R, H]
         b = dap.all_gather(b, dim=-3)  # [*, R, R, H]
         return b.permute(*range(b.dim() - 3), -1, -3, -2).unsqueeze(-4)  # [*, 1, H, R, R]
 
@@ -65,11 +66,12 @@ class MSAColumnAttention(torch.nn.Module):
     """Algorithm 8: ``(m [*, S, R, c_m], msa_mask [*, S, R]) -> update [*, S, R, c_m]``; gated attention of each
     residue column over the sequences, no bias."""
 
-    def __init__(self, c_m: int, c_hidden: int, num_heads: int, fusion: FusionConfig = FusionConfig()):
+    def __init__(self, c_m: int, c_hidden: int, num_heads: int, fusion: FusionConfig = FusionConfig(),
+                 attention_recompute: bool = True):
         super().__init__()
         self.c_m, self.c_hidden, self.num_heads = c_m, c_hidden, num_heads
         self.layer_norm_m = fusion.layer_norm(c_m)
-        self.attention = fusion.gated_self_attention(c_m, c_hidden, num_heads)
+        self.attention = EvoformerAttention(c_m, c_hidden, num_heads, fusion, recompute=attention_recompute)
 
     def forward(self, m: torch.Tensor, msa_mask: Optional[torch.Tensor] = None,
                 chunk_size: Optional[int] = None) -> torch.Tensor:

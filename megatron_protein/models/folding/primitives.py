@@ -1,5 +1,6 @@
 """Shared pieces of the Evoformer: the Linear layer with AlphaFold2's named initialisers (supplement 1.11.4), mask
-conversions, residual updates, and the switch point for the DAP/BP parallel hooks.
+conversions, pair-bias projections, residual updates, the Evoformer's gated attention, and the DAP/BP hooks
+(``dap``, ``bp`` from :mod:`megatron_protein.parallel`, re-exported for the modules).
 
 Initialisers (supplement section 1.11.4; OpenFold's names, so its configs and ours read alike):
 
@@ -19,6 +20,11 @@ import math
 from typing import Optional
 
 import torch
+
+from megatron_protein.kernels import FusionConfig, GatedSelfAttention, dispatch
+from megatron_protein.kernels.gated_attention import attention_core
+# The DAP/BP hooks (CONTRACTS.md): the modules of the Evoformer import them from here.
+from megatron_protein.parallel import bp, dap  # noqa: F401
 
 INITS = ("default", "relu", "glorot", "gating", "normal", "final")
 
@@ -70,6 +76,71 @@ class Linear(torch.nn.Linear):
         return f"{super().extra_repr()}, init={self.init!r}"
 
 
+class EvoformerAttention(GatedSelfAttention):
+    """The kernels' gated self-attention with bias (Algorithms 7, 8, 13, 14) whose training core keeps no
+    probabilities: ``(x [*, B, Q, c_in], bias [*, 1, H, Q, Q], mask bool [*, B, 1, 1, Q]) -> [*, B, Q, c_in]``.
+
+    Same parameters, initialisation and state-dict layout as :class:`~megatron_protein.kernels.GatedSelfAttention`
+    (``linear_q, linear_k, linear_v, linear_g, linear_o``), same function. When autograd records and the PyTorch
+    reference runs (CPU), with ``recompute=True`` and no tile size chosen, the core is
+    :func:`~megatron_protein.models.folding.chunking.attention_recompute` (chunks of B through the tiled kernel,
+    probabilities recomputed in backward); otherwise the kernels' core as the ``FusionConfig`` chose it (Triton
+    flash attention on CUDA, tiled attention with ``attention_tile_size``, the plain core in inference).
+    """
+
+    def __init__(self, c_in: int, c_hidden: int, num_heads: int, fusion: FusionConfig = FusionConfig(),
+                 recompute: bool = True):
+        super().__init__(c_in, c_hidden, num_heads, gating=True, fused=fusion.masked_softmax_fusion,
+                         tile_size=fusion.attention_tile_size)
+        self.recompute = bool(recompute)
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from megatron_protein.models.folding.chunking import attention_recompute
+        if mask is not None and not bool(mask.any()):
+            mask = None  # no padding among the keys (the usual crop): skip every masking pass
+        q = self._heads(self.linear_q(x))  # [*, H, Q, c]
+        k = self._heads(self.linear_k(x))
+        v = self._heads(self.linear_v(x))
+        scale = 1.0 / math.sqrt(self.c_hidden)
+        backend = dispatch.select_backend("GatedSelfAttention", self.fused, x)
+        records = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if backend == "reference" and self.tile_size is None and records and self.recompute:
+            o = attention_recompute(q, k, v, bias, mask, scale)
+        elif backend == "reference" and self.tile_size is None and not records:
+            o = _attention_inference(q, k, v, bias, mask, scale)
+        else:
+            o = attention_core(q, k, v, bias, mask, scale, backend, self.tile_size)
+        o = o.transpose(-2, -3)  # [*, Q, H, c]
+        g = torch.sigmoid(self.linear_g(x)).view(*x.shape[:-1], self.num_heads, self.c_hidden)
+        return self.linear_o((o * g).reshape(*x.shape[:-1], self.num_heads * self.c_hidden))
+
+
+def _attention_inference(q, k, v, bias, mask, scale):
+    """Inference core, ``q, k, v [*, B, H, Q, c]``: ``scaled_dot_product_attention``, whose fused CPU kernel takes the
+    bias as an additive mask and tiles the keys (no separate bias-add, softmax and matmul passes over the logits),
+    when the leading batch dims are 1 (unbatched or batch 1, the inference case; SDPA's fast kernel is 4-D only);
+    the kernels' reference core otherwise. A query row whose keys are all masked gets zeros, as the reference."""
+    lead = q.shape[:-4]
+    if q.dim() < 4 or math.prod(lead) != 1 or any(t is not None and math.prod(t.shape[:-4]) != 1
+                                                   for t in (k, v, bias, mask)):
+        return attention_core(q, k, v, bias, mask, scale, "reference")
+    heads, n_q, n_k = q.shape[-3], q.shape[-2], k.shape[-2]
+    q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))  # [B, H, Q, c]
+    additive = None if bias is None else bias.reshape(-1, *bias.shape[-3:])  # [1|B, H|1, Q|1, K]
+    if mask is not None:
+        mask4 = mask.reshape(-1, *mask.shape[-3:])
+        masked = torch.zeros(mask4.shape, dtype=q.dtype, device=q.device).masked_fill_(mask4, torch.finfo(q.dtype).min)
+        additive = masked if additive is None else additive + masked
+    o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=additive, scale=scale)
+    o = o.view(*q.shape[:-1], v.shape[-1])
+    if mask is not None:
+        fully_masked = mask.all(dim=-1, keepdim=True)  # [*, B|1, 1|H, 1|Q, 1]
+        if bool(fully_masked.any()):
+            o = o.masked_fill(fully_masked, 0.0)
+    return o
+
+
 def masked_out(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Float ``1 = real`` mask -> bool ``True = masked out`` (what the kernels take); None stays None."""
     if mask is None:
@@ -94,71 +165,20 @@ def check_masks(op: str, m: Optional[torch.Tensor], z: Optional[torch.Tensor], m
                          "(expected [*, N_res, N_res])")
 
 
-def residual_add(residual: torch.Tensor, update: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``residual + update``; in place into ``residual`` when the caller owns it and autograd is off."""
-    if inplace and not torch.is_grad_enabled():
-        return residual.add_(update)
-    return residual + update
+#: Inference computes pair biases LinearNoBias(LayerNorm(z)) in row chunks of about this many z elements, so that
+#: LayerNorm(z) is never whole.
+BIAS_CHUNK_ELEMENTS = 1 << 23
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# DAP / BP hooks (CONTRACTS: parallel/dap.py and parallel/bp.py, owned by the hybrid-parallel work). Until those
-# modules exist this fallback gives their degree-1 behaviour (identity layout switches, plain local computation),
-# so the block's call sites are already the production ones.
-# ---------------------------------------------------------------------------------------------------------------
-try:  # pragma: no cover - which branch runs depends on whether parallel/dap.py is present
-    from megatron_protein.parallel import bp, dap  # noqa: F401
-except ImportError:  # pragma: no cover
-    class _Handle:
-        def __init__(self, tensor):
-            self._tensor = tensor
-
-        def wait(self):
-            return self._tensor
-
-    class _DegreeOneDAP:
-        """DAP at degree 1: every layout switch and gather is the identity."""
-
-        @staticmethod
-        def row_to_col(x):
-            return x
-
-        @staticmethod
-        def col_to_row(x):
-            return x
-
-        @staticmethod
-        def row_to_col_async(x):
-            return x, _Handle(x)
-
-        @staticmethod
-        def col_to_row_async(x):
-            return x, _Handle(x)
-
-        @staticmethod
-        def all_gather(x, dim):
-            return x
-
-        @staticmethod
-        def scatter(x, dim):
-            return x
-
-        @staticmethod
-        def gather(x, dim):
-            return x
-
-        @staticmethod
-        def local_slice(t, dim):
-            return t
-
-    class _DegreeOneBP:
-        """BP at degree 1: both branches run here, the OPM update is added to the new pair."""
-
-        @staticmethod
-        def run_branches(msa_branch, pair_branch, m, z):
-            m_new, opm_update = msa_branch(m, z)
-            z_new = pair_branch(z)
-            return m_new, z_new + opm_update
-
-    dap = _DegreeOneDAP()
-    bp = _DegreeOneBP()
+def pair_bias_projection(z: torch.Tensor, layer_norm: torch.nn.Module, linear: torch.nn.Module) -> torch.Tensor:
+    """``linear(layer_norm(z))`` for ``z [*, I, J, c_z]`` -> ``[*, I, J, H]``; in row chunks when autograd is off."""
+    if torch.is_grad_enabled():
+        return linear(layer_norm(z))
+    n_i = z.shape[-3]
+    rows = max(1, BIAS_CHUNK_ELEMENTS // max(1, z[..., :1, :, :].numel()))
+    if rows >= n_i:
+        return linear(layer_norm(z))
+    out = z.new_empty(*z.shape[:-1], linear.out_features)
+    for start in range(0, n_i, rows):
+        out[..., start:start + rows, :, :] = linear(layer_norm(z[..., start:start + rows, :, :]))
+    return out

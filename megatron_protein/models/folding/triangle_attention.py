@@ -19,30 +19,55 @@ import torch
 
 from megatron_protein.kernels import FusionConfig
 from megatron_protein.models.folding.chunking import chunk_layer
-from megatron_protein.models.folding.primitives import Linear, dap, masked_out
+from megatron_protein.models.folding.primitives import (EvoformerAttention, Linear, dap, masked_out,
+                                                        pair_bias_projection)
 
 
 class TriangleAttention(torch.nn.Module):
     """``(z [*, R, R, c_z], pair_mask [*, R, R]) -> update [*, R, R, c_z]``; ``starting`` picks Algorithm 13 or 14."""
 
     def __init__(self, c_z: int, c_hidden: int = 32, num_heads: int = 4, starting: bool = True,
-                 fusion: FusionConfig = FusionConfig()):
+                 fusion: FusionConfig = FusionConfig(), attention_recompute: bool = True):
         super().__init__()
         self.c_z, self.c_hidden, self.num_heads, self.starting = c_z, c_hidden, num_heads, bool(starting)
         self.layer_norm = fusion.layer_norm(c_z)
         self.linear = Linear(c_z, num_heads, bias=False, init="normal")
-        self.attention = fusion.gated_self_attention(c_z, c_hidden, num_heads)
+        self.attention = EvoformerAttention(c_z, c_hidden, num_heads, fusion, recompute=attention_recompute)
+
+    @staticmethod
+    def _gathered_bias(b: torch.Tensor) -> torch.Tensor:
+        """The local rows' ``[*, J(/n), K, H]`` -> the whole triangle bias ``[*, 1, H, J, K]``."""
+        b = dap.all_gather(b, dim=-3)  # [*, J, K, H]
+        return b.permute(*range(b.dim() - 3), -1, -3, -2).unsqueeze(-4)
+
+    def _oriented(self, z, pair_mask):
+        """Ending node: the starting node of ``z^T`` (views). Returns z, the key mask ``[*, I, 1, 1, K]``."""
+        if not self.starting:
+            z = z.transpose(-2, -3)
+            pair_mask = None if pair_mask is None else pair_mask.transpose(-1, -2)
+        mask = masked_out(pair_mask)
+        return z, (None if mask is None else mask[..., :, None, None, :])
+
+    @torch.no_grad()
+    def add_into(self, z: torch.Tensor, pair_mask: Optional[torch.Tensor] = None,
+                 chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Inference: ``z += update`` in place, ``chunk_size`` rows (starting node) or columns (ending node) at a
+        time. Each slice's update reads only that slice of z and the triangle bias, which is computed first."""
+        zt, mask = self._oriented(z, pair_mask)
+        bias = self._gathered_bias(pair_bias_projection(zt, self.layer_norm, self.linear))
+        n = zt.shape[-3]
+        step = chunk_size or n
+        for start in range(0, n, step):
+            rows = zt.narrow(-3, start, min(step, n - start))
+            mask_rows = None if mask is None else mask.narrow(-4, start, rows.shape[-3])
+            rows.add_(self.attention(self.layer_norm(rows), bias, mask_rows))
+        return z
 
     def forward(self, z: torch.Tensor, pair_mask: Optional[torch.Tensor] = None,
                 chunk_size: Optional[int] = None) -> torch.Tensor:
-        if not self.starting:
-            z = z.transpose(-2, -3)  # ending node: rows of z^T
-            pair_mask = None if pair_mask is None else pair_mask.transpose(-1, -2)
+        z, mask = self._oriented(z, pair_mask)
         x = self.layer_norm(z)  # [*, I(/n), J, c_z]
-        bias = dap.all_gather(self.linear(x), dim=-3)  # [*, J, K, H]
-        bias = bias.permute(*range(bias.dim() - 3), -1, -3, -2).unsqueeze(-4)  # [*, 1, H, J, K]
-        mask = masked_out(pair_mask)
-        mask = None if mask is None else mask[..., :, None, None, :]  # [*, I, 1, 1, K]
+        bias = self._gathered_bias(self.linear(x))  # [*, 1, H, J, K]
 
         if chunk_size is None:
             out = self.attention(x, bias, mask)
