@@ -190,8 +190,9 @@ def test_dap2_trains_like_one_process_sync_async_and_recompute():
 
 
 @pytest.mark.slow
-def test_bp2_trains_like_one_process():
-    variants = {"bp": {}}
+def test_bp2_trains_like_one_process_with_and_without_recompute():
+    # Recompute replays each block's forward, exchange included, in backward: on both bp ranks alike.
+    variants = {"bp": {}, "recompute": {"recompute": True}}
     ref = reference(tiny_config("end"), 1)
     results = run_distributed(_worker, 2, [("dp", None), ("dap", 1), ("bp", 2)], "end", 1, variants, timeout=300)
     _check(results, ref, variants)
