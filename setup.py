@@ -15,7 +15,7 @@ INSTALL_REQUIRES = [
     # MSAs: jackhmmer in process and easel's Stockholm reader (megatron_protein/data/msa.py).
     "pyhmmer>=0.10",
     # Structures: PDB/mmCIF reading and writing, sequence alignment, reference metrics (megatron_protein.structure).
-    "biotite>=1.0",
+    "biotite>=1.1",  # lddt, tm_score (used by the tests) arrived in 1.1; tested with 1.6.0
     # The TM-score/GDT search runs thousands of tiny GEMMs: one BLAS thread is several times faster there.
     "threadpoolctl>=3.1",
 ]

@@ -3,6 +3,7 @@
 megatron_protein/structure/scoring.py, docs/structure.md).
 
     python folding/score.py PRED.pdb REF.pdb [--chain A --ref-chain A] [--align] [--json] [--output FILE]
+                            [--search-step N]
     python folding/score.py predictions/ REF.cif          # one row per file, then the mean
     python folding/score.py 'runs/*/model.pdb' REF.pdb    # a quoted glob
 """

@@ -74,6 +74,14 @@ def test_cli_numbers_are_the_metrics(predictions, tmp_path):
     assert got["gdt_ts"] == pytest.approx(ts, abs=1e-3) and got["gdt_ha"] == pytest.approx(ha, abs=1e-3)
     assert got["rmsd"] == pytest.approx(M.rmsd(p, t), abs=1e-2)
     assert 0.3 < got["tm_score"] < 0.99
+    # A coarser seed spacing searches less and finds (nearly) the same maxima.
+    fast = run(paths[1], REF, "--json", "--search-step", "4")
+    assert fast.returncode == 0, fast.stderr
+    fast = json.loads(fast.stdout)
+    assert fast["tm_score"] <= got["tm_score"] + 1e-9  # its seeds are a subset of the full search's
+    for key in ("tm_score", "gdt_ts", "gdt_ha"):
+        assert fast[key] == pytest.approx(got[key], abs=0.01)
+    assert run(paths[1], REF, "--search-step", "0").returncode == 2
 
 
 def test_align_matches_renumbered_prediction(tmp_path):

@@ -11,12 +11,13 @@ Definitions (see ``docs/structure.md`` for the references each was checked again
   thresholds 0.5, 1, 2, 4 A that the absolute difference between predicted and reference distance stays below;
   averaged over the pairs of a residue (per residue) or over all pairs (global). Superposition-free.
 * **TM-score** (Zhang & Skolnick 2004): ``max over superpositions of 1/L_ref * sum_i 1 / (1 + (d_i / d0)^2)``,
-  ``d0 = 1.24 (L_ref - 15)^(1/3) - 1.8`` (0.5 at most for L_ref <= 21). The maximum is searched as the TM-score
-  program does: superpositions of contiguous fragments of L, L/2, L/4, ... 4 aligned residues as seeds, each
-  refined by re-superposing on the pairs closer than ``d0_search`` (d0 clipped to [4.5, 8]) up to 20 times.
+  ``d0 = 1.24 (L_ref - 15)^(1/3) - 1.8`` (0.5 for L_ref <= 21, never below 0.5). The maximum is searched as the
+  TM-score program does: superpositions of contiguous fragments of L, L/2, L/4, ... 4 aligned residues (every
+  start) as seeds, each refined up to 20 times by re-superposing on the pairs closer than ``d0_search - 1``
+  (first step) and then ``d0_search + 1`` (``d0_search`` = d0 clipped to [4.5, 8]).
 * **GDT-TS / GDT-HA** (Zemla 2003, LGA): mean over the cutoffs (1, 2, 4, 8 A) / (0.5, 1, 2, 4 A) of the largest
   fraction of reference residues within the cutoff under any superposition, searched per cutoff from the same
-  fragment seeds (plus the TM-score and the all-residue superpositions), refined on the pairs within the cutoff.
+  fragment seeds (plus the all-residue and TM-score superpositions), refined on the pairs within the cutoff.
 * **RMSD**: root-mean-square deviation after the optimal (Kabsch 1976) superposition of all masked pairs.
 
 A batched torch lDDT-CA (:func:`lddt_ca_torch`) serves as the pLDDT head's target (supplement 1.9.6).
@@ -100,10 +101,17 @@ def _transform(rot: np.ndarray, trans: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _sq_dists(rot: np.ndarray, trans: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``|R_b x_l + t_b - y_l|^2 -> [B, L]`` with one GEMM (``[3B, 3] @ [3, L]``)."""
+    """``|R_b x_l + t_b - y_l|^2 -> [B, L]`` as one GEMM ``[B, 15] @ [15, L]``.
+
+    Expanded with ``|R x|^2 = |x|^2``: ``|x|^2 + |y|^2 + |t|^2 - 2 vec(R).(y (x) x) + 2 (R^T t).x - 2 t.y``. The
+    search centres both point sets first, so the cancellation costs ~1e-13 A^2 in float64."""
     b = rot.shape[0]
-    moved = (rot.reshape(b * 3, 3) @ x.T).reshape(b, 3, -1) + trans[:, :, None]  # [B, 3, L]
-    return ((moved - y.T[None]) ** 2).sum(1)
+    left = np.concatenate([rot.reshape(b, 9), np.einsum("bji,bj->bi", rot, trans), trans], axis=1)  # [B, 15]
+    right = np.concatenate([-2.0 * (y[:, :, None] * x[:, None, :]).reshape(len(x), 9), 2.0 * x, -2.0 * y], axis=1)
+    d2 = left @ right.T
+    d2 += ((x * x).sum(-1) + (y * y).sum(-1))[None, :]
+    d2 += (trans * trans).sum(-1)[:, None]
+    return np.maximum(d2, 0.0)
 
 
 def superpose(mobile: np.ndarray, target: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -236,12 +244,14 @@ def _fragment_weights(n_aligned: int, step: int) -> np.ndarray:
             w = np.zeros(n_aligned)
             w[s : s + length] = 1.0
             rows.append(w)
-    return _unique_rows(np.stack(rows).astype(bool)).astype(np.float64)
+    rows = np.stack(rows)
+    return rows[_unique_rows(rows.astype(bool))]
 
 
-def _select(d2: np.ndarray, cut: float, min_pairs: int = 3) -> np.ndarray:
-    """Pairs with ``d < cut``; where fewer than ``min_pairs`` qualify, relax the cut by 0.5 A until they do
-    (TM-score's ``score_fun8``)."""
+def _select(d2: np.ndarray, cut, min_pairs: int = 3) -> np.ndarray:
+    """Pairs with ``d < cut`` (a scalar or one cut per row); where fewer than ``min_pairs`` qualify, relax that
+    row's cut by 0.5 A until they do (TM-score's ``score_fun8``)."""
+    cut = np.broadcast_to(np.asarray(cut, dtype=np.float64), d2.shape[:1])[:, None]
     sel = d2 < cut * cut
     n = d2.shape[-1]
     if n <= min_pairs:
@@ -250,25 +260,28 @@ def _select(d2: np.ndarray, cut: float, min_pairs: int = 3) -> np.ndarray:
     short = sel.sum(-1) < min_pairs
     while short.any():
         inc += 1
-        relaxed = cut + 0.5 * inc
+        relaxed = cut[short] + 0.5 * inc
         sel[short] = d2[short] < relaxed * relaxed
         short = sel.sum(-1) < min_pairs
     return sel
 
 
-_ROW_HASH = np.random.default_rng(20261201).integers(1, 2**63, size=4096, dtype=np.int64)
+_ROW_HASH = np.random.default_rng(20261201).uniform(1.0, 2.0, size=4096)
 
 
-def _unique_rows(sel: np.ndarray) -> np.ndarray:
-    """Distinct rows of a boolean ``[B, n]`` selection, found by a random 64-bit subset-sum hash per row (sorting
-    the rows themselves costs more than the whole refinement step). A hash collision would only drop a seed."""
+def _unique_rows(sel: np.ndarray, groups: Optional[np.ndarray] = None) -> np.ndarray:
+    """Indices of the distinct rows of a boolean ``[B, n]`` selection (within each group, if given).
+
+    Rows are told apart by a random subset-sum hash (one GEMV with random weights in [1, 2)), which is far cheaper
+    than sorting the rows; two different subsets would need equal float sums to collide, and a collision would
+    only drop a seed."""
     n = sel.shape[1]
-    keys = np.zeros(sel.shape[0], dtype=np.int64)
-    for start in range(0, n, len(_ROW_HASH)):  # wrap-around int64 arithmetic is the hash
-        part = sel[:, start : start + len(_ROW_HASH)]
-        keys += part.astype(np.int64) @ _ROW_HASH[: part.shape[1]]
+    weights = _ROW_HASH[:n] if n <= len(_ROW_HASH) else np.resize(_ROW_HASH, n) * (1 + np.arange(n) / n)
+    keys = sel.astype(np.float64) @ weights
+    if groups is not None:
+        keys = keys + groups.astype(np.float64) * (4.0 * n)  # groups far apart
     _, first = np.unique(keys, return_index=True)
-    return sel[np.sort(first)]
+    return np.sort(first)
 
 
 @dataclass
@@ -293,30 +306,44 @@ def _one_blas_thread(fn):
     return wrapper
 
 
-def _search(x, y, objective, select, seeds_w, n_iter=20, chunk=1024):
-    """Best value of ``objective(d2) -> [B]`` over the seed superpositions and their refinements.
+def _search(x, y, objective, select, seeds_w, groups=None, n_groups=1, n_iter=20):
+    """Best value of ``objective(d2, groups) -> [B]`` per group, over the seed superpositions and their refinements.
 
-    Each seed (a weighting of the aligned pairs) is superposed (Kabsch), scored, and refined ``n_iter`` times by
-    re-superposing on ``select(d2, iteration)``. Refinement of a seed whose selection no longer changes is idempotent, so
-    running every seed for all ``n_iter`` steps gives the same maximum as the program's early exit; seeds whose
-    selections coincide are merged, which is what makes the exhaustive seeding affordable in numpy.
+    Each seed (a weighting of the aligned pairs, in group ``groups[b]``, e.g. one group per GDT cutoff) is
+    superposed (Kabsch), scored, and refined ``n_iter`` times by re-superposing on ``select(d2, iteration,
+    groups)``. Refinement of a seed whose selection no longer changes is idempotent, so running every seed for all
+    ``n_iter`` steps gives the same maximum as the program's early exit; seeds of a group whose selections
+    coincide are merged, which is what makes the exhaustive seeding affordable in numpy. Returns ``(values
+    [n_groups], [(R, t)] per group)``.
     """
-    best_val, best_rt = -np.inf, None
+    # Centre both sets (distances do not change; returned translations are mapped back below).
+    cx, cy = x.mean(0), y.mean(0)
+    x, y = x - cx, y - cy
+    groups_all = np.zeros(len(seeds_w), dtype=np.int64) if groups is None else np.asarray(groups, np.int64)
+    best_val = np.full(n_groups, -np.inf)
+    best_rt = [None] * n_groups
+    chunk = max(64, int(4e6 // max(1, x.shape[0])))  # ~32 MB per [chunk, L] float64 array
     for start in range(0, len(seeds_w), chunk):
         w = seeds_w[start : start + chunk]
+        g = groups_all[start : start + chunk]
         for it in range(n_iter + 1):
             rot, trans = _kabsch_batched(x, y, w)
             d2 = _sq_dists(rot, trans, x, y)
-            val = objective(d2)
-            b = int(np.argmax(val))
-            if val[b] > best_val:
-                best_val, best_rt = float(val[b]), (rot[b], trans[b])
+            val = objective(d2, g)
+            order = np.lexsort((-val, g))  # per group, the best row first
+            heads = order[np.r_[True, g[order][1:] != g[order][:-1]]]
+            for b in heads:
+                if val[b] > best_val[g[b]]:
+                    best_val[g[b]], best_rt[g[b]] = float(val[b]), (rot[b], trans[b])
             if it < n_iter:
-                # Seeds whose selections coincide give the same refinements from here on: keep one of each.
-                new_w = _unique_rows(select(d2, it)).astype(np.float64)
+                sel = select(d2, it, g)
+                keep = _unique_rows(sel, g)
+                new_w, new_g = sel[keep].astype(np.float64), g[keep]
                 if new_w.shape == w.shape and np.array_equal(new_w, w):
                     break
-                w = new_w
+                w, g = new_w, new_g
+    # x' = R (x - cx) + t + cy = R x + (t + cy - R cx)
+    best_rt = [None if rt is None else (rt[0], rt[1] + cy - rt[0] @ cx) for rt in best_rt]
     return best_val, best_rt
 
 
@@ -347,14 +374,15 @@ def tm_score(
         score = len(x) / l_ref
         return (score, None) if return_superposition else score
 
-    def objective(d2):
+    def objective(d2, groups):
         return (1.0 / (1.0 + d2 / (d0 * d0))).sum(-1) / l_ref
 
     # TM-score's search: the pairs closer than d0_search - 1 after the seed's superposition, then d0_search + 1.
     seeds = _fragment_weights(len(x), step)
-    val, (rot, trans) = _search(
-        x, y, objective, lambda d2, it: _select(d2, d0_search - 1.0 if it == 0 else d0_search + 1.0), seeds
+    vals, rts = _search(
+        x, y, objective, lambda d2, it, g: _select(d2, d0_search - 1.0 if it == 0 else d0_search + 1.0), seeds
     )
+    val, (rot, trans) = float(vals[0]), rts[0]
     if return_superposition:
         return val, Superposition(rot, trans)
     return val
@@ -371,8 +399,9 @@ def gdt_fractions(
 ) -> Dict[float, float]:
     """``{cutoff: largest fraction of the reference_length residues within cutoff under one superposition}``.
 
-    Searched per cutoff from the TM-score fragment seeds plus the all-residue and the TM-score superpositions,
-    each refined on the pairs within the cutoff (LGA's GDT procedure, TM-score's seeding).
+    Searched per cutoff from the TM-score fragment seeds, the all-residue superposition and the pairs within 5 A
+    under the TM-score superposition, each refined on the pairs within the cutoff (LGA's GDT iteration, TM-score's
+    seeding); the TM-score superposition itself also counts as a candidate.
     """
     pred, true, mask = _pairs(pred, true, mask)
     x, y = pred[mask], true[mask]
@@ -387,12 +416,18 @@ def gdt_fractions(
         d2 = ((x @ sup.rotation.T + sup.translation - y) ** 2).sum(-1)
         seeds.append(_select(d2[None], 5.0).astype(np.float64))
     seeds = np.concatenate(seeds)
-    out = {}
-    for c in sorted(set(float(c) for c in cutoffs)):
-        count, _ = _search(x, y, lambda d2, c=c: (d2 < c * c).sum(-1).astype(np.float64),
-                           lambda d2, it, c=c: _select(d2, c), seeds)
-        out[c] = count / l_ref
-    return out
+    # One batched search for all cutoffs: group k refines on (and counts) the pairs within cutoff k.
+    cuts = np.array(sorted(set(float(c) for c in cutoffs)))
+    groups = np.repeat(np.arange(len(cuts)), len(seeds))
+    counts, _ = _search(
+        x, y,
+        lambda d2, g: (d2 < (cuts[g] ** 2)[:, None]).sum(-1).astype(np.float64),
+        lambda d2, it, g: _select(d2, cuts[g]),
+        np.tile(seeds, (len(cuts), 1)), groups, len(cuts),
+    )
+    if sup is not None:  # the TM-score superposition itself is a candidate too
+        counts = np.maximum(counts, [(d2 < c * c).sum() for c in cuts])
+    return {float(c): float(n) / l_ref for c, n in zip(cuts, counts)}
 
 
 def gdt(

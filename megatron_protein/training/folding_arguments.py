@@ -52,6 +52,7 @@ class RunOptions:
     init_model: Optional[str] = None
     chunk_size: Optional[int] = None
     eval_max_chains: Optional[int] = None
+    exit_step: Optional[int] = None
     num_workers: int = 0
     plot: bool = True
     tensorboard: bool = True
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--init_model", default=None,
                    help="start from the weights of this checkpoint directory (new optimizer and schedule)")
     o.add_argument("--chunk_size", type=int, default=None, help="chunk the Evoformer at evaluation (memory)")
+    o.add_argument("--exit_step", type=int, default=None,
+                   help="stop when reaching this step, with a checkpoint; the same command again continues")
     o.add_argument("--no_plot", action="store_true", help="do not write the PNG plots")
     o.add_argument("--no_tensorboard", action="store_true")
     x = p.add_argument_group("parallelism (DP x DAP x BP)")
@@ -139,6 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
         parser.error(f"--dap_degree must be >= 1 and --bp_degree 1 or 2, got {args.dap_degree} and {args.bp_degree}")
     run = RunOptions(model_dir=os.path.abspath(args.model_dir), data=args.data,
                      init_model=args.init_model, chunk_size=args.chunk_size, eval_max_chains=args.eval_max_chains,
+                     exit_step=args.exit_step,
                      num_workers=args.num_workers, plot=not args.no_plot, tensorboard=not args.no_tensorboard,
                      distributed=args.distributed, dap_degree=args.dap_degree, bp_degree=args.bp_degree)
     return args, config, run

@@ -60,6 +60,7 @@ class FoldingTrainResult:
     skipped_steps: int = 0
     seconds: float = 0.0
     seconds_per_step: float = float("nan")
+    exited: bool = False
 
 
 def feature_config(config: FoldingConfig) -> FeatureConfig:
@@ -187,7 +188,7 @@ class FoldingTrainer:
         clamped = step_draw(cfg.train.seed, step, 1) < cfg.loss.fape_clamp_fraction
         with self.autocast():
             outputs = self.model(batch, num_recycles=num_recycles)
-        loss, terms = alphafold_loss(outputs, batch, cfg, use_clamped_fape=clamped)
+        loss, terms = alphafold_loss(outputs, batch, cfg, use_clamped_fape=clamped, step=step)
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = float("nan")
         # In a parallel run every rank goes through backward and the syncs whatever its loss (a rank that skipped
@@ -260,6 +261,7 @@ class FoldingTrainer:
                     f"{self.step}); stopping. The last checkpoint in {run.model_dir} holds finite weights; lower "
                     f"--lr or use --precision fp32")
             last = self.step == t.train_step
+            exiting = run.exit_step is not None and self.step == run.exit_step and not last
             if t.eval_step and (self.step % t.eval_step == 0) and not last:
                 summary = self.evaluate()
                 result.evaluations.append(_public(summary) | {"step": self.step})
@@ -267,10 +269,15 @@ class FoldingTrainer:
                 log.info("held-out at step %d: lDDT-Ca %.3f, TM-score %.3f, pLDDT %.1f (%d chains, %.0f s)",
                          self.step, summary["lddt_ca"], summary["tm_score"], summary["plddt"],
                          summary["num_chains"], summary["seconds"])
-            if run.model_dir and ((t.save_step and self.step % t.save_step == 0) or last):
+            if run.model_dir and ((t.save_step and self.step % t.save_step == 0) or last or exiting):
                 self.save()
                 log.info("saved checkpoint of step %d to %s", self.step,
                          checkpointing.iteration_dir(run.model_dir, self.step))
+            if exiting:
+                log.info("exiting at step %d (--exit_step); run the same command again to continue", self.step)
+                log.close()
+                result.step, result.skipped_steps, result.exited = self.step, self.skipped_steps, True
+                return result
         trained = self.step - first_step
         result.seconds = time.monotonic() - started
         result.seconds_per_step = result.seconds / trained if trained else float("nan")

@@ -7,6 +7,9 @@ outputs -> updates of both, and the extra MSA -> its own narrow representation.
   representation through LayerNorm, and the previous pseudo-beta distances binned and projected.
 - :class:`ExtraMSAEmbedder`: Algorithm 2 lines 12-13: ``extra_msa_feat`` (one-hot of 23 classes, has_deletion,
   deletion_value) projected to c_e.
+- :class:`ProfileEmbedder` (not in AlphaFold2; off in the AF2 presets): the chain's sequence profile (``profile``
+  [*, R, 20] and ``profile_mask`` [*, R], e.g. the HHblits-derived profiles of the embedded chains) projected and
+  added to the query row of the MSA representation, so a chain whose MSA is shallow still gets its profile.
 
 Shapes (``*`` = batch): ``target_feat [*, R, 22]``, ``residue_index [*, R]``, ``msa_feat [*, S, R, 49]``,
 ``m [*, S, R, c_m]``, ``z [*, R, R, c_z]``, ``extra_msa [*, S_e, R]`` (int), ``a [*, S_e, R, c_e]``.
@@ -116,6 +119,17 @@ class ExtraMSAEmbedder(torch.nn.Module):
         return self.linear(extra_msa_feat)
 
 
+class ProfileEmbedder(torch.nn.Module):
+    """``m_1i += Linear(concat(profile_i, profile_mask_i))``: 21 -> c_m, added to the first (query) MSA row."""
+
+    def __init__(self, c_m: int, profile_dim: int = 20):
+        super().__init__()
+        self.linear = Linear(profile_dim + 1, c_m)
+
+    def forward(self, profile: torch.Tensor, profile_mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([profile * profile_mask[..., None], profile_mask[..., None]], dim=-1))
+
+
 def zeros_like_previous(batch_shape: tuple, num_res: int, c_m: int, c_z: int, device, dtype
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Algorithm 2 line 2: m_prev = 0, z_prev = 0, x_prev = 0 for the first iteration."""
@@ -124,5 +138,5 @@ def zeros_like_previous(batch_shape: tuple, num_res: int, c_m: int, c_z: int, de
             torch.zeros(*batch_shape, num_res, 3, device=device, dtype=torch.float32))
 
 
-__all__ = ["InputEmbedder", "RecyclingEmbedder", "ExtraMSAEmbedder", "relative_position_bins",
+__all__ = ["InputEmbedder", "RecyclingEmbedder", "ExtraMSAEmbedder", "ProfileEmbedder", "relative_position_bins",
            "pseudo_beta_from_atom37", "extra_msa_features", "zeros_like_previous"]

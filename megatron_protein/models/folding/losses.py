@@ -93,13 +93,25 @@ def plddt_loss(logits: torch.Tensor, pred_ca: torch.Tensor, true_ca: torch.Tenso
     return (errors * ca_mask).sum(-1) / (ca_mask.sum(-1) + 1e-8)
 
 
-def alphafold_loss(outputs: dict, batch: dict, config: FoldingConfig,
-                   use_clamped_fape: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def aux_loss_factor(config: FoldingConfig, step: Optional[int]) -> float:
+    """Factor on the distogram and masked-MSA weights at training step ``step`` (0-based; None: 1), see
+    ``LossConfig.aux_warmup_start`` / ``aux_warmup_steps``."""
+    lc = config.loss
+    if step is None or step >= lc.aux_warmup_start + lc.aux_warmup_steps:
+        return 1.0
+    if step < lc.aux_warmup_start:
+        return 0.0
+    return (step - lc.aux_warmup_start + 1) / (lc.aux_warmup_steps + 1)
+
+
+def alphafold_loss(outputs: dict, batch: dict, config: FoldingConfig, use_clamped_fape: bool = True,
+                   step: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 7 of the supplement (backbone part): returns ``(loss, terms)``; ``terms`` holds each unweighted term's
     batch mean (``fape``, ``fape_aux``, ``distogram``, ``masked_msa``, ``plddt``) and ``loss``, all detached.
 
     ``use_clamped_fape`` chooses clamped (True) or unclamped FAPE for this step (the trainer draws it with
-    probability ``loss.fape_clamp_fraction`` from the step's seed)."""
+    probability ``loss.fape_clamp_fraction`` from the step's seed); ``step`` applies the auxiliary-loss warm-up
+    (:func:`aux_loss_factor`)."""
     lc, hc = config.loss, config.model.heads
     with torch.autocast(device_type=outputs["frames"].device.type, enabled=False):
         frames = outputs["frames"]                                            # [L, B, R, 4, 4]
@@ -116,8 +128,9 @@ def alphafold_loss(outputs: dict, batch: dict, config: FoldingConfig,
                            batch["all_atom_positions"][..., ca, :], batch["all_atom_mask"][..., ca].float(),
                            lc.plddt_cutoff)
         terms = {"fape": fape_final, "fape_aux": fape_aux, "distogram": dist, "masked_msa": msa, "plddt": plddt}
-        weights = {"fape": lc.fape_weight, "fape_aux": lc.aux_weight, "distogram": lc.distogram_weight,
-                   "masked_msa": lc.masked_msa_weight, "plddt": lc.plddt_weight}
+        aux = aux_loss_factor(config, step)
+        weights = {"fape": lc.fape_weight, "fape_aux": lc.aux_weight, "distogram": aux * lc.distogram_weight,
+                   "masked_msa": aux * lc.masked_msa_weight, "plddt": lc.plddt_weight}
         loss = sum(weights[k] * terms[k] for k in terms).mean()
     report = {k: v.detach().mean() for k, v in terms.items()}
     report["loss"] = loss.detach()

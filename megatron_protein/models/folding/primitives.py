@@ -97,19 +97,48 @@ class EvoformerAttention(GatedSelfAttention):
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         from megatron_protein.models.folding.chunking import attention_recompute
+        if mask is not None and not bool(mask.any()):
+            mask = None  # no padding among the keys (the usual crop): skip every masking pass
         q = self._heads(self.linear_q(x))  # [*, H, Q, c]
         k = self._heads(self.linear_k(x))
         v = self._heads(self.linear_v(x))
         scale = 1.0 / math.sqrt(self.c_hidden)
         backend = dispatch.select_backend("GatedSelfAttention", self.fused, x)
-        if (self.recompute and backend == "reference" and self.tile_size is None and torch.is_grad_enabled()
-                and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        records = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if backend == "reference" and self.tile_size is None and records and self.recompute:
             o = attention_recompute(q, k, v, bias, mask, scale)
+        elif backend == "reference" and self.tile_size is None and not records:
+            o = _attention_inference(q, k, v, bias, mask, scale)
         else:
             o = attention_core(q, k, v, bias, mask, scale, backend, self.tile_size)
         o = o.transpose(-2, -3)  # [*, Q, H, c]
         g = torch.sigmoid(self.linear_g(x)).view(*x.shape[:-1], self.num_heads, self.c_hidden)
         return self.linear_o((o * g).reshape(*x.shape[:-1], self.num_heads * self.c_hidden))
+
+
+def _attention_inference(q, k, v, bias, mask, scale):
+    """Inference core, ``q, k, v [*, B, H, Q, c]``: ``scaled_dot_product_attention``, whose fused CPU kernel takes the
+    bias as an additive mask and tiles the keys (no separate bias-add, softmax and matmul passes over the logits),
+    when the leading batch dims are 1 (unbatched or batch 1, the inference case; SDPA's fast kernel is 4-D only);
+    the kernels' reference core otherwise. A query row whose keys are all masked gets zeros, as the reference."""
+    lead = q.shape[:-4]
+    if q.dim() < 4 or math.prod(lead) != 1 or any(t is not None and math.prod(t.shape[:-4]) != 1
+                                                   for t in (k, v, bias, mask)):
+        return attention_core(q, k, v, bias, mask, scale, "reference")
+    heads, n_q, n_k = q.shape[-3], q.shape[-2], k.shape[-2]
+    q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))  # [B, H, Q, c]
+    additive = None if bias is None else bias.reshape(-1, *bias.shape[-3:])  # [1|B, H|1, Q|1, K]
+    if mask is not None:
+        mask4 = mask.reshape(-1, *mask.shape[-3:])
+        masked = torch.zeros(mask4.shape, dtype=q.dtype, device=q.device).masked_fill_(mask4, torch.finfo(q.dtype).min)
+        additive = masked if additive is None else additive + masked
+    o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=additive, scale=scale)
+    o = o.view(*q.shape[:-1], v.shape[-1])
+    if mask is not None:
+        fully_masked = mask.all(dim=-1, keepdim=True)  # [*, B|1, 1|H, 1|Q, 1]
+        if bool(fully_masked.any()):
+            o = o.masked_fill(fully_masked, 0.0)
+    return o
 
 
 def masked_out(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

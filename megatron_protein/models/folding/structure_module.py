@@ -187,9 +187,12 @@ def backbone_atoms(frames: Rigid, aatype: torch.Tensor, residue_index: Optional[
     """
     tables = ideal_tables(frames.device)
     aatype = aatype.clamp(0, rc.restype_num).long()
+    o_index = rc.atom_order["O"]
     ideal = tables["positions"][aatype]                                   # [*, R, 37, 3]
-    mask = tables["mask"][aatype].clone()                                 # [*, R, 37]
-    positions = frames[..., None].apply(ideal) * mask[..., None]
+    o_slot = torch.zeros(rc.atom_type_num, device=frames.device)
+    o_slot[o_index] = 1.0
+    group0_mask = tables["mask"][aatype]                                  # [*, R, 37]: N, CA, C, CB
+    positions = frames[..., None].apply(ideal) * group0_mask[..., None]
 
     n, ca, c = (positions[..., rc.atom_order[a], :] for a in ("N", "CA", "C"))
     n_next = torch.roll(n, shifts=-1, dims=-2)
@@ -209,11 +212,8 @@ def backbone_atoms(frames: Rigid, aatype: torch.Tensor, residue_index: Optional[
                              sin * o_local[..., 1] + cos * o_local[..., 2]], dim=-1)
     o_backbone = Rigid(tables["psi_rot"][aatype], tables["psi_trans"][aatype]).apply(o_rotated)
     o_global = frames.apply(o_backbone)
-    o_index = rc.atom_order["O"]
-    positions = positions.clone()
-    positions[..., o_index, :] = o_global
-    mask = mask.clone()  # the product above saved ``mask`` for backward: do not modify it in place
-    mask[..., o_index] = 1.0
+    positions = positions + o_global[..., None, :] * o_slot[:, None]
+    mask = group0_mask + o_slot
     if seq_mask is not None:
         mask = mask * seq_mask[..., None]
         positions = positions * mask[..., None]
