@@ -15,15 +15,17 @@ import gzip
 import io
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.safe_load import load_record
+
 FORMATS = ("fasta", "stockholm", "tape-lmdb", "tape-json")
 
 
-class InputFormatError(ValueError):
+class InputFormatError(UserError, ValueError):
     """Malformed input; the message starts with ``path:line:`` (or ``path: record N:``)."""
 
 
@@ -249,7 +251,9 @@ def read_stockholm(path: str, part: ByteRange | None = None) -> Iterator[Sequenc
 # ------------------------------------------------------------------------------------------------------- TAPE
 def read_tape_lmdb(path: str) -> Iterator[SequenceRecord]:
     """TAPE's Pfam LMDB (``pfam_train.lmdb`` ...): keys ``str(i)``, pickled dicts with ``primary``, ``family``,
-    ``clan``, ``protein_length``; ``num_examples`` gives the count."""
+    ``clan``, ``protein_length``; ``num_examples`` gives the count. Records are unpickled by the restricted
+    unpickler of :func:`megatron_protein.utils.safe_load.load_record` (builtin values and NumPy arrays only), so a
+    crafted record cannot run code."""
     import lmdb
 
     if not os.path.exists(path):
@@ -261,12 +265,14 @@ def read_tape_lmdb(path: str) -> Iterator[SequenceRecord]:
             raw = txn.get(b"num_examples")
             if raw is None:
                 raise InputFormatError(f"{path}: no 'num_examples' key; expected a TAPE LMDB")
-            count = pickle.loads(raw)
+            count = load_record(raw, f"{path}: num_examples")
+            if not isinstance(count, int) or count < 0:
+                raise InputFormatError(f"{path}: num_examples: expected a record count, found {count!r}")
             for i in range(count):
                 value = txn.get(str(i).encode())
                 if value is None:
                     raise InputFormatError(f"{path}: record {i}: missing (num_examples says {count})")
-                yield _tape_record(pickle.loads(value), f"{path}: record {i}", str(i))
+                yield _tape_record(load_record(value, f"{path}: record {i}"), f"{path}: record {i}", str(i))
     finally:
         env.close()
 

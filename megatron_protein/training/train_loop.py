@@ -47,12 +47,8 @@ from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler,
 from megatron_protein.training.pretrain_data import (attention_mask, build_datasets, micro_batch_loader,
                                                      resolve_sources, unigram_perplexity)
 from megatron_protein.utils.agree import on_all_ranks
-from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.errors import NonFiniteLossError
 from megatron_protein.utils.locks import LockError, OutputLock
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """Too many consecutive steps had a NaN or inf loss or gradient (each was skipped; the weights are finite)."""
 
 
 #: The data arguments a resumed run must share with its checkpoint (unless --allow-data-path-change).

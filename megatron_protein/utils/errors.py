@@ -48,6 +48,10 @@ class ConfigError(UserError, ValueError):
     """A flag or a combination of flags that cannot work; the message names the flag and what was expected."""
 
 
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many consecutive steps had a NaN or inf loss or gradient (each was skipped; the weights are finite)."""
+
+
 class Terminated(BaseException):
     """SIGTERM (or SIGHUP) arrived; raised in the main thread by :func:`terminate_on_signals` so that ``finally``
     blocks and ``except BaseException`` clean-ups run before the process dies."""
