@@ -90,16 +90,18 @@ def resolve_sources(data_path: Optional[str], split: str, train_data_path: Optio
     return sources
 
 
-def check_training_data(sources: dict, split: str) -> None:
+def check_training_data(sources: dict, split: str, data_path: Optional[str] = None) -> None:
     """Raise :class:`DataError` naming the file when there is nothing to train on (before any model is built)."""
     train = sources.get("train")
     if train is not None and len(train) > 0:
         if np.any(np.asarray(train.sizes) == 0):
             raise DataError(f"{train.prefix}.bin: holds empty sequences; re-run preprocess (it drops them)")
         return
-    if isinstance(train, IndexedSubset):
-        raise DataError(f"{train.dataset.prefix}.bin: --split {split} leaves no sequence for training (the dataset "
-                        f"has {len(train.dataset)}); give the train split a larger weight or preprocess more data")
+    if train is None and data_path is not None and dataset_exists(data_path) and not dataset_exists(
+            f"{data_path}_train"):
+        size = len(MMapIndexedDataset(data_path))
+        raise DataError(f"{data_path}.bin: --split {split} leaves no sequence for training (the dataset has {size}); "
+                        f"give the train split a larger weight or preprocess more data")
     prefix = getattr(train, "prefix", None)
     if prefix is not None:
         raise DataError(f"{prefix}.bin: the training split holds no sequences; preprocess an input with records "

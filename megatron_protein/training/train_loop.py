@@ -103,7 +103,7 @@ class Pretrainer:
         # The data is checked before anything is built: an empty training split fails here, naming its file.
         self.sources = resolve_sources(config.data.data_path, config.data.split, config.data.train_data_path,
                                        config.data.valid_data_path, config.data.test_data_path)
-        check_training_data(self.sources, config.data.split)
+        check_training_data(self.sources, config.data.split, config.data.data_path)
         # What checkpoints record (Megatron's names), including what only the world size decides.
         args.global_batch_size = config.train.global_batch_size
         args.data_parallel_size = groups.size("dp")
