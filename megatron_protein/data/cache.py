@@ -98,7 +98,7 @@ def prepare(input_path: str, cache_dir: str, split: Optional[str] = "0.9,0.05,0.
         while time.monotonic() < deadline:
             if is_complete(prefix, key):
                 return prefix
-            time.sleep(2.0)
+            time.sleep(max(0.0, min(2.0, deadline - time.monotonic())))
         raise errors.ConfigError(f"{os.path.join(os.path.dirname(prefix), STAMP)}: the preprocessed data of "
                                  f"{input_path} did not appear within {wait_seconds:g} s (node 0 prepares it)")
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
