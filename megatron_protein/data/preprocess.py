@@ -21,8 +21,16 @@ of records or on ``--workers``, and are reproducible by ``--seed``:
   holdout): the split of ``blake2b(family, key=seed)``. The fractions are fractions of families.
 * ``--split-random TRAIN,VALID,TEST``: each record by ``blake2b(name + sequence, key=seed)`` (identical records
   land in the same split, so exact duplicates cannot leak between splits).
+* ``--holdout-sequences VALID,TEST`` (with ``--split-by-family``): of the records of the *training* families, these
+  fractions go to ``PREFIX_valid_infamily`` and ``PREFIX_test_infamily``, drawn per record by
+  ``blake2b(sequence, key=seed + 1)``: the second held-out set, sequences of families the model trains on (what
+  TAPE's and ProteinLM's Pfam validation sets measure), beside the held-out families. Keyed on the sequence alone,
+  so copies of one sequence under different names never straddle training and held-out. Every training family
+  keeps these fractions in expectation; a family of n sequences holds none out with probability
+  (1 - VALID - TEST)^n.
 
-Outputs ``PREFIX_{train,valid,test}.{bin,idx}`` when splitting (``PREFIX.{bin,idx}`` otherwise) and
+Outputs ``PREFIX_{train,valid,test}.{bin,idx}`` when splitting (and ``PREFIX_{valid,test}_infamily`` with
+``--holdout-sequences``) (``PREFIX.{bin,idx}`` otherwise) and
 ``PREFIX_summary.json``: sequences, residues, unknown residues, dropped records with the reason, length histogram.
 Every file is written under a temporary name and renamed when complete; an error leaves nothing behind.
 """
@@ -51,6 +59,7 @@ from .tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
+INFAMILY_SPLIT_NAMES = ("valid_infamily", "test_infamily")
 # Length histogram bin edges (residues): [1,32), [32,64), ... , [4096, inf)
 HISTOGRAM_EDGES = (1, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 PARTITIONS_PER_WORKER = 4  # more ranges than workers, so a slow range does not idle the others
@@ -68,6 +77,17 @@ def parse_fractions(text: str, flag: str) -> tuple[float, float, float]:
     return tuple(v / total for v in values)  # type: ignore[return-value]
 
 
+def parse_holdout(text: str) -> tuple[float, float]:
+    """``--holdout-sequences VALID,TEST``: two fractions (of each training family's records), not renormalised."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--holdout-sequences expects two numbers like 0.05,0.05, got {text!r}") from None
+    if len(values) != 2 or min(values) < 0 or sum(values) >= 1:
+        raise ValueError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> int:
     """Split index (0 train, 1 valid, 2 test) of ``key``: a uniform draw from a keyed hash, cut by fractions."""
     digest = hashlib.blake2b(key.encode("latin-1", errors="replace"), digest_size=8,
@@ -80,6 +100,7 @@ def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> int:
 class Options:
     split_by_family: tuple[float, float, float] | None = None
     split_random: tuple[float, float, float] | None = None
+    holdout_sequences: tuple[float, float] | None = None  # (valid, test) fractions of training-family records
     seed: int = 1234
     tokenizer_type: str = "iupac"
     tokenizer_model: str | None = None
@@ -168,6 +189,12 @@ class _Converter:
         elif o.split_random:
             for j in np.flatnonzero(keep):
                 split[j] = split_of(batch[j].name + "\0" + batch[j].sequence, o.seed, o.split_random)
+        if o.holdout_sequences:
+            valid, test = o.holdout_sequences
+            for j in np.flatnonzero(keep & (split == 0)):
+                held = split_of(batch[j].sequence, o.seed + 1, (1.0 - valid - test, valid, test))
+                if held:
+                    split[j] = len(SPLIT_NAMES) - 1 + held  # 3 = valid_infamily, 4 = test_infamily
         split[~keep] = -1
         return split
 
@@ -197,7 +224,10 @@ class _Converter:
 
 
 def _output_names(prefix: str, options: Options) -> list[str]:
-    return [f"{prefix}_{s}" for s in SPLIT_NAMES] if options.splitting else [prefix]
+    if not options.splitting:
+        return [prefix]
+    names = SPLIT_NAMES + (INFAMILY_SPLIT_NAMES if options.holdout_sequences else ())
+    return [f"{prefix}_{s}" for s in names]
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -243,16 +273,27 @@ def _convert_partition(path: str, input_format: str, part: ByteRange, options: O
 # ------------------------------------------------------------------------------------------------ main side
 def preprocess(inputs: list[str], output_prefix: str, input_format: str | None = None,
                split_by_family: tuple[float, float, float] | None = None,
-               split_random: tuple[float, float, float] | None = None, seed: int = 1234, workers: int = 1,
+               split_random: tuple[float, float, float] | None = None,
+               holdout_sequences: tuple[float, float] | None = None, seed: int = 1234, workers: int = 1,
                tokenizer_type: str = "iupac", tokenizer_model: str | None = None, min_length: int = 1,
                max_length: int | None = None, batch_size: int = 2048, progress: bool = True) -> dict:
     """Run the conversion; returns the summary dict (also written to ``PREFIX_summary.json``)."""
     if split_by_family and split_random:
         raise ValueError("choose one of --split-by-family and --split-random")
+    if holdout_sequences is not None:
+        if not split_by_family:
+            raise ValueError("--holdout-sequences holds out sequences of the training families: it needs "
+                             "--split-by-family")
+        holdout_sequences = tuple(float(v) for v in holdout_sequences)
+        if len(holdout_sequences) != 2 or min(holdout_sequences) < 0 or sum(holdout_sequences) >= 1:
+            raise ValueError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, got "
+                             f"{holdout_sequences}")
+        if sum(holdout_sequences) == 0:
+            holdout_sequences = None
     if isinstance(inputs, str):
         inputs = [inputs]
-    options = Options(split_by_family, split_random, seed, tokenizer_type, tokenizer_model, min_length, max_length,
-                      batch_size)
+    options = Options(split_by_family, split_random, holdout_sequences, seed, tokenizer_type, tokenizer_model,
+                      min_length, max_length, batch_size)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     dtype = best_fitting_dtype(tokenizer.vocab_size)
     names = _output_names(output_prefix, options)
@@ -328,7 +369,8 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
         summary = {
             "inputs": list(inputs), "output_prefix": output_prefix, "seed": seed,
             "split": ("by-family" if split_by_family else "random" if split_random else None),
-            "fractions": list(split_by_family or split_random or []) or None, "tokenizer": tokenizer_type,
+            "fractions": list(split_by_family or split_random or []) or None,
+            "holdout_sequences": list(holdout_sequences) if holdout_sequences else None, "tokenizer": tokenizer_type,
             "dtype": np.dtype(dtype).name, "workers": workers, "records_read": p.records_read,
             "dropped": dict(sorted(p.dropped.items())), "seconds": round(elapsed, 3),
             "residues_per_second": round(total_residues / max(elapsed, 1e-9)),
@@ -377,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hold out whole families, e.g. 0.9,0.05,0.05 (fractions of families)")
     split.add_argument("--split-random", default=None, metavar="TRAIN,VALID,TEST",
                        help="split records at random, e.g. 0.98,0.01,0.01")
+    p.add_argument("--holdout-sequences", default=None, metavar="VALID,TEST",
+                   help="with --split-by-family: also hold out these fractions of the training families' sequences "
+                        "as PREFIX_valid_infamily / PREFIX_test_infamily, e.g. 0.05,0.05")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (uncompressed FASTA/Stockholm: each parses a part of the file)")
@@ -421,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         args.input, args.output_prefix, args.input_format,
         split_by_family=parse_fractions(args.split_by_family, "--split-by-family") if args.split_by_family else None,
         split_random=parse_fractions(args.split_random, "--split-random") if args.split_random else None,
+        holdout_sequences=parse_holdout(args.holdout_sequences) if args.holdout_sequences else None,
         seed=args.seed, workers=args.workers, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, min_length=args.min_length, max_length=args.max_length,
         batch_size=args.batch_size, progress=not args.no_progress)
