@@ -42,6 +42,10 @@ from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, 
                                                      split_titles)
 
 
+#: The masking of every held-out evaluation (BERT's, Devlin et al. 2019), independent of the training flags.
+EVAL_MASK_PROB, EVAL_MASK_TOKEN_PROB, EVAL_RANDOM_TOKEN_PROB = 0.15, 0.8, 0.1
+
+
 @dataclass
 class TrainResult:
     """What a run did, on every rank: per-iteration training losses (global-batch mean, all predicted positions,
@@ -132,11 +136,16 @@ class Pretrainer:
                                   data.test_data_path)
         eval_samples = config.logging.eval_iters * train.global_batch_size
         self.datasets = build_datasets(
-            sources, data.seq_length,
-            {"train": train.train_iters * train.global_batch_size,
-             **{name: eval_samples for name in VALID_SPLITS + TEST_SPLITS}},
-            data.seed, data.mask_prob, data.pack_sequences, data.data_cache_path,
-            mask_token_prob=data.mask_token_prob, random_token_prob=data.random_token_prob)
+            sources, data.seq_length, {"train": train.train_iters * train.global_batch_size}, data.seed,
+            data.mask_prob, data.pack_sequences, data.data_cache_path, mask_token_prob=data.mask_token_prob,
+            random_token_prob=data.random_token_prob)
+        # Held-out sets are always masked as BERT masks (15%; 80% <mask>, 10% random, 10% kept), whatever the
+        # training masking, so that runs with other --mask-prob / --mask-token-prob are scored on the same task.
+        held_out = build_datasets(sources, data.seq_length,
+                                  {name: eval_samples for name in VALID_SPLITS + TEST_SPLITS}, data.seed,
+                                  EVAL_MASK_PROB, data.pack_sequences, data.data_cache_path,
+                                  mask_token_prob=EVAL_MASK_TOKEN_PROB, random_token_prob=EVAL_RANDOM_TOKEN_PROB)
+        self.datasets.update({name: held_out[name] for name in VALID_SPLITS + TEST_SPLITS})
         self.split_titles = split_titles(data.data_path, sources)
         # The context-free baseline a model must beat: the training set's residue frequencies.
         self.train_frequencies = training_frequencies(residue_counts(sources["train"]), config.model.vocab_size)
