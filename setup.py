@@ -10,6 +10,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "lmdb>=1.4",
     "scipy>=1.11",
+    # tape_tasks.attention_contacts: the L1 logistic regression on attention maps (Rao et al. 2020, as ESM fits it)
+    "scikit-learn>=1.3",
 ]
 
 EXTRAS = {
