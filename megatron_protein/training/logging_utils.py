@@ -81,6 +81,10 @@ class TrainingLogger:
         if self.is_writer:
             logger.info(message, *args)
 
+    def warning(self, message: str, *args) -> None:
+        if self.is_writer:
+            logger.warning(message, *args)
+
     def training_step(self, iteration: int, loss: float, lr: float, grad_norm: float, skipped: bool,
                       loss_scale: Optional[float] = None, masked_loss: Optional[float] = None) -> Optional[dict]:
         """Record one optimizer step; every ``log_interval`` steps print and return the interval's averages.

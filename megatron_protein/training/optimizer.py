@@ -168,11 +168,16 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float,
     return total
 
 
-def grads_are_finite(parameters: Iterable[torch.nn.Parameter], groups: Optional[scg.ParallelGroups] = None) -> bool:
-    """False when any gradient on any rank holds inf or NaN (all-reduced over the whole world)."""
+def grads_are_finite(parameters: Iterable[torch.nn.Parameter], groups: Optional[scg.ParallelGroups] = None,
+                     loss: Optional[torch.Tensor] = None) -> bool:
+    """False when any gradient (or ``loss``, if given) on any rank holds inf or NaN (one MAX all-reduce over the
+    whole world, so every rank gets the same answer)."""
     groups = groups if groups is not None else scg.current()
     grads = [p.grad for p in parameters if p.grad is not None]
-    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    checks = [torch.isfinite(g).all() for g in grads]
+    if loss is not None:
+        checks.append(torch.isfinite(torch.as_tensor(loss)).all().to(checks[0].device if checks else "cpu"))
+    finite = torch.stack([c.cpu() for c in checks]).all() if checks else torch.tensor(True)
     bad = (~finite).float().to(groups.device)
     world = groups.group("world")
     if world is not None:
@@ -190,6 +195,10 @@ class DynamicLossScaler:
         self.window, self.hysteresis, self.dynamic = window, hysteresis, dynamic
         self._clean_steps = 0
         self._hysteresis_left = hysteresis
+
+    def at_minimum(self) -> bool:
+        """True when an overflow can no longer be answered by a smaller scale (static, or at ``min_scale``)."""
+        return not self.dynamic or self.scale <= self.min_scale
 
     def update(self, found_overflow: bool) -> None:
         if not self.dynamic:

@@ -14,10 +14,23 @@ predicted positions, and apart at the positions whose input was ``<mask>`` (the 
 or randomised, each beside the unigram perplexity of the same residues (training frequencies, and their own).
 The held-out splits are the held-out families (``valid``/``test``) and, when preprocessing made them, held-out
 sequences of the training families (``valid_infamily``/``test_infamily``); every one present is reported.
+
+Non-finite steps (Megatron's ``--check-for-nan-in-loss-and-grad``, on by default): after the gradients are reduced,
+one MAX all-reduce over the world tells every rank whether the loss or any gradient on any rank is NaN or inf;
+then every rank skips the optimizer and LR-schedule step together, so the update never reaches the weights (in
+fp32, bf16 and fp16 alike; fp16's loss scaler backs off as before). Skipped steps are counted in the log line and
+in TensorBoard like fp16's; ``--max-consecutive-skipped-iterations`` (default 10) consecutive skips stop the run
+with :class:`NonFiniteLossError` (for fp16, only skips at the minimum loss scale count: above it, overflow is how
+the scaler finds its scale). Checkpoints are never written with non-finite weights (checkpointing refuses them).
+
+The job holds ``SAVE.lock`` (:class:`~megatron_protein.utils.locks.OutputLock`) for its whole duration, taken by
+global rank 0 before anything else, so a second job on the same ``--save`` fails at once naming this one; and a
+resumed checkpoint whose ``data_path`` differs from this run's is refused unless ``--allow-data-path-change``.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,7 +53,17 @@ from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler,
 from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, attention_mask, build_datasets,
                                                      micro_batch_loader, residue_counts, resolve_sources,
                                                      split_titles)
+from megatron_protein.utils.agree import on_all_ranks
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.locks import LockError, OutputLock
 
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many consecutive steps had a NaN or inf loss or gradient (each was skipped; the weights are finite)."""
+
+
+#: The data arguments a resumed run must share with its checkpoint (unless --allow-data-path-change).
+DATA_PATH_ARGS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
 
 #: The masking of every held-out evaluation (BERT's, Devlin et al. 2019), independent of the training flags.
 EVAL_MASK_PROB, EVAL_MASK_TOKEN_PROB, EVAL_RANDOM_TOKEN_PROB = 0.15, 0.8, 0.1
@@ -55,6 +78,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     masked_losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    skipped_iterations: list[int] = field(default_factory=list)  # iterations whose step was skipped
     evaluations: list[dict] = field(default_factory=list)
     start_iteration: int = 0
     iteration: int = 0
@@ -97,6 +121,7 @@ class Pretrainer:
         args.data_parallel_size = groups.size("dp")
         args.world_size = groups.world_size
         args.padded_vocab_size = config.model.padded_vocab_size(groups.size("tp"))
+        args.resolved_data_paths = resolved_data_paths(args)
         model_parallel_seed(config.data.seed, groups)
 
         # Model: this rank's tp shard of its pp stage, replicas made equal over dp, tied copies over pp ends.
@@ -120,11 +145,18 @@ class Pretrainer:
                 hysteresis=config.optim.hysteresis, dynamic=config.optim.loss_scale is None)
         self.iteration = 0
         self.consumed_train_samples = 0
-        if config.checkpoint.load and checkpointing.read_tracker(config.checkpoint.load) is not None:
+        self.consecutive_skips = 0
+        self._skip_is_hard = True
+        tracked = (checkpointing.read_tracker_on_rank0(config.checkpoint.load, groups)
+                   if config.checkpoint.load else None)
+        if tracked is not None:
             position = checkpointing.load_checkpoint(
                 config.checkpoint.load, self.model, self.optimizer, self.scheduler, args, self.loss_scaler,
                 groups, load_optim=not config.checkpoint.no_load_optim, load_rng=not config.checkpoint.no_load_rng,
-                finetune=config.checkpoint.finetune)
+                finetune=config.checkpoint.finetune, iteration=tracked,
+                trust_checkpoint=config.checkpoint.trust_checkpoint)
+            if not config.checkpoint.finetune and not config.checkpoint.allow_data_path_change:
+                check_same_data(position.get("args"), args, config.checkpoint.load, tracked)
             self.iteration = position["iteration"]
             self.consumed_train_samples = position["consumed_train_samples"]
         elif config.checkpoint.load and groups.rank == 0:
@@ -208,8 +240,14 @@ class Pretrainer:
             for p in params:
                 p.grad.mul_(inverse)
             loss = loss * inverse
-            skipped = not grads_are_finite(params, groups)
+            skipped = not grads_are_finite(params, groups, loss)
+            # An overflow above the minimum scale is how the scaler finds its scale; at the minimum it is real.
+            self._skip_is_hard = self.loss_scaler.at_minimum()
             self.loss_scaler.update(skipped)
+        elif self.config.train.check_for_nan_in_loss_and_grad:
+            # One world-wide vote, so that all tp/pp/dp ranks skip together (a NaN in one rank's shard would
+            # otherwise be stepped into that shard only, or into none).
+            skipped = not grads_are_finite(params, groups, loss)
         norm = clip_grad_norm(params, self.config.optim.clip_grad, groups) if not skipped else float("nan")
         if not skipped:  # as Megatron: a skipped step does not advance the schedule either
             self.optimizer.step()
@@ -258,6 +296,26 @@ class Pretrainer:
             log.evaluation(self.iteration, split, summary, title=title, tokens_seen=tokens_seen)
             result.evaluations.append({"iteration": self.iteration, "split": split, "title": title,
                                        "tokens_seen": tokens_seen, **summary})
+
+    def _count_skip(self, log: TrainingLogger, loss: float) -> None:
+        """Count a skipped step toward --max-consecutive-skipped-iterations; stop the run at the limit."""
+        train, optim = self.config.train, self.config.optim
+        counts = self.loss_scaler is None or self._skip_is_hard
+        if self.loss_scaler is None:
+            log.warning("iteration %d: non-finite loss or gradient (loss %s) on some rank; the step was skipped on "
+                        "every rank", self.iteration, f"{loss:.4g}")
+        if not counts:
+            return
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= train.max_consecutive_skipped_iterations:
+            where = (f"; the last checkpoint in {self.config.checkpoint.save} has finite weights"
+                     if self.config.checkpoint.save else "")
+            scale = (f" at the minimum loss scale {optim.min_loss_scale:g}" if self.loss_scaler is not None else "")
+            raise NonFiniteLossError(
+                f"iteration {self.iteration}: {self.consecutive_skips} consecutive steps had a non-finite loss or "
+                f"gradient{scale} and were skipped (--max-consecutive-skipped-iterations "
+                f"{train.max_consecutive_skipped_iterations}); stopping{where}. Lower --lr, check the data, or "
+                f"use --bf16 instead of --fp16")
 
     # ------------------------------------------------------------------------------------------ the loop
     def save(self) -> None:
@@ -310,6 +368,11 @@ class Pretrainer:
             log.training_step(self.iteration, loss, lr, norm, skipped,
                               self.loss_scaler.scale if self.loss_scaler is not None else None,
                               masked_loss=masked_loss)
+            if skipped:
+                result.skipped_iterations.append(self.iteration)
+                self._count_skip(log, loss)
+            else:
+                self.consecutive_skips = 0
 
             if log_cfg.eval_iters > 0 and (self.iteration % log_cfg.eval_interval == 0
                                            or self.iteration == train.train_iters):
@@ -339,9 +402,46 @@ class Pretrainer:
         return result
 
 
+def resolved_data_paths(args) -> dict[str, Optional[str]]:
+    """The data arguments as real paths (what checkpoints record in ``args.resolved_data_paths``)."""
+    return {name: (os.path.realpath(str(getattr(args, name))) if getattr(args, name, None) is not None else None)
+            for name in DATA_PATH_ARGS}
+
+
+def check_same_data(saved_args, args, load: str, iteration) -> None:
+    """Refuse to resume a checkpoint trained on other data (the consumed-samples position would index another
+    dataset): compare the data paths, resolved to real paths, with the checkpoint's ``args``."""
+    if saved_args is None:
+        return
+    current = resolved_data_paths(args)
+    recorded = getattr(saved_args, "resolved_data_paths", None)
+    if not isinstance(recorded, dict):  # a checkpoint of Megatron-LM or an older version: its raw arguments
+        recorded = resolved_data_paths(saved_args)
+    for name in DATA_PATH_ARGS:
+        old, new = recorded.get(name), current.get(name)
+        if old != new:
+            old, new = getattr(saved_args, name, None), getattr(args, name, None)
+            raise checkpointing.CheckpointError(
+                f"{checkpointing.iteration_dir(load, iteration)}: this checkpoint was trained with --{name.replace('_', '-')} "
+                f"{old}, but this run has {new}; resuming would continue its data position in other data. Use "
+                f"another --save/--load, --finetune to start a new run from its weights, or "
+                f"--allow-data-path-change to resume anyway")
+
+
 def pretrain(config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None) -> TrainResult:
-    """Build everything for ``config`` on ``groups`` (default: the current layout) and train."""
+    """Build everything for ``config`` on ``groups`` (default: the current layout) and train, holding the lock of
+    ``--save`` (taken by global rank 0; every rank fails at once if another job holds it)."""
+    groups = groups if groups is not None else scg.current()
     started = time.monotonic()
-    result = Pretrainer(config, groups).train()
+    lock = None
+    if config.checkpoint.save:
+        lock = OutputLock(config.checkpoint.save, "--save")
+        on_all_ranks(lambda: lock.acquire() if groups.rank == 0 else None, groups, LockError,
+                     what="locking --save")
+    try:
+        result = Pretrainer(config, groups).train()
+    finally:
+        if lock is not None:
+            lock.release()
     result.elapsed_seconds = time.monotonic() - started
     return result

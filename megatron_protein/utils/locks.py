@@ -1,0 +1,206 @@
+"""Exclusive outputs: one running job per output directory or prefix.
+
+``with OutputLock(path, "--save"):`` holds ``PATH.lock`` (a sibling of the output, so it can exist before the
+output does and survives the output being renamed into place) for the duration of the block. A second job that
+asks for the same lock fails at once with :class:`LockError`, naming the holder: host, pid, start time and
+command line, as recorded in the lock file.
+
+How liveness is decided: the holder keeps the lock file open with an exclusive ``flock`` for its lifetime, and the
+kernel drops that lock when the process dies, however it dies (``kill -9`` included). A challenger that obtains the
+``flock`` of an existing lock file written by a process of the *same host* that is gone (no such pid, or the pid
+now belongs to a process started at another time) takes the lock over, with a warning. A lock file written on
+another host is never taken over (whether that job is alive cannot be known from here): the error says which file
+to remove once that job is known to be dead.
+
+What is not promised: on a network file system whose locking is disabled (``nolock`` NFS mounts) ``flock`` is
+local to each host, so two jobs on two hosts are still told apart by the recorded host name, but a dead job of
+another host needs its lock file removed by hand.
+"""
+from __future__ import annotations
+
+import atexit
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Optional
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".lock"
+
+
+class LockError(UserError, RuntimeError):
+    """The output is in use by another job (or its lock file cannot be written)."""
+
+
+def lock_path(target: str) -> str:
+    """The lock file of ``target`` (a directory or a file prefix): ``TARGET.lock`` beside it."""
+    return os.path.abspath(target).rstrip(os.sep) + LOCK_SUFFIX
+
+
+def _process_start_ticks(pid: int) -> Optional[int]:
+    """Start time of ``pid`` in clock ticks since boot (Linux /proc), to tell a reused pid from the holder."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_holder(info: dict) -> str:
+    parts = [f"host {info.get('host', '?')}", f"pid {info.get('pid', '?')}",
+             f"started {info.get('started', '?')}"]
+    if info.get("command"):
+        parts.append(f"command: {info['command']}")
+    return ", ".join(parts)
+
+
+class OutputLock:
+    """An exclusive lock on ``target`` held by this process (see the module docstring).
+
+    ``what`` names the output in messages (e.g. ``--save``, ``--output-prefix``). Re-entrant within one process for
+    the same path is *not* supported: a second lock on a path this process already holds fails like another job.
+    """
+
+    def __init__(self, target: str, what: str = "output"):
+        self.target = os.path.abspath(target)
+        self.what = what
+        self.path = lock_path(target)
+        self._fd: Optional[int] = None
+        self._info: Optional[dict] = None
+
+    # ------------------------------------------------------------------------------------------------ acquire
+    def _my_info(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "process_start_ticks": _process_start_ticks(os.getpid()),
+                "command": " ".join(sys.argv)[:400], "target": self.target}
+
+    def _read(self, fd: int) -> Optional[dict]:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            raw = os.read(fd, 1 << 16)
+            info = json.loads(raw.decode("utf-8"))
+            return info if isinstance(info, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _write(self, fd: int, info: dict) -> None:
+        data = (json.dumps(info, indent=1) + "\n").encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, data)
+        os.fsync(fd)
+
+    def _busy(self, info: Optional[dict]) -> LockError:
+        holder = describe_holder(info) if info else "a job whose lock file is unreadable"
+        advice = (f"wait for it to finish or use another {self.what}" if info is None
+                  or info.get("host") == socket.gethostname() else
+                  f"wait for it to finish or use another {self.what}; if that job is dead, remove {self.path}")
+        return LockError(f"{self.target}: {self.what} is in use by another job ({holder}); lock file {self.path}; "
+                         f"{advice}")
+
+    def _is_stale(self, info: Optional[dict]) -> bool:
+        """Same host and the recorded process is gone (we hold the file's flock, so it holds nothing)."""
+        if info is None:
+            return True  # flock free and no readable owner: a crash between creating and writing the file
+        if info.get("host") != socket.gethostname():
+            return False
+        pid = info.get("pid")
+        if not isinstance(pid, int):
+            return True
+        if pid == os.getpid():
+            return True  # left by this process, which no longer holds its flock
+        if not _pid_alive(pid):
+            return True
+        recorded, now = info.get("process_start_ticks"), _process_start_ticks(pid)
+        return recorded is not None and now is not None and recorded != now
+
+    def acquire(self) -> "OutputLock":
+        if self._fd is not None:
+            raise LockError(f"{self.path}: this lock object is already held")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue  # released in between: try to create it again
+                created = False
+            except OSError as exc:
+                raise LockError(f"{self.path}: cannot create the lock file of {self.what} {self.target} "
+                                f"({exc.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                time.sleep(0.05)  # a creator may not have written its record yet
+                info = self._read(fd)
+                os.close(fd)
+                raise self._busy(info) from None
+            # We hold the flock; make sure the file is still the one at self.path (not unlinked by a release).
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            if not created:
+                info = self._read(fd)
+                if not self._is_stale(info):
+                    os.close(fd)
+                    raise self._busy(info)
+                if info is not None:
+                    logger.warning("%s: taking over the lock of %s, whose process is gone (%s)", self.path,
+                                   self.target, describe_holder(info))
+            self._info = self._my_info()
+            self._write(fd, self._info)
+            self._fd = fd
+            atexit.register(self.release)
+            return self
+        raise LockError(f"{self.path}: could not acquire the lock of {self.target} (it kept changing)")
+
+    # ------------------------------------------------------------------------------------------------ release
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)  # drops the flock
+            atexit.unregister(self.release)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
