@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "sentencepiece>=0.2",
     "tensorboard>=2.14",
+    "matplotlib>=3.7",  # curves for the docs (bench/pretrain_curves.py)
     "tqdm>=4.66",
     "lmdb>=1.4",
     "scipy>=1.11",
