@@ -54,7 +54,7 @@ WORKERS="${WORKERS:-2}"
 # Size presets (docs/pretraining.md says how tiny and cpu-hour were chosen, by measurement):
 #   layers hidden heads seq micro-batch global-batch iterations lr warmup-fraction eval-interval dropout mask-prob
 case "$MODEL" in
-  tiny)     P=(4 128 4 128 32 32 2800 6e-3 0.05 400 0.0 0.3) ;;
+  tiny)     P=(4 128 4 128 32 32 2800 4e-3 0.05 400 0.0 0.3) ;;
   cpu-hour) P=(4 192 6 128 64 64 5800 4e-3 0.03 500 0.0 0.3) ;;
   small)    P=(4 256 4 256 8 64 20000 1e-3 0.025 1000 0.1 0.15) ;;
   base)     P=(12 768 12 512 8 1024 100000 2e-4 0.02 2000 0.1 0.15) ;;

@@ -96,7 +96,17 @@ class MLMMetrics:
 
     def add_logits(self, logits_shard: torch.Tensor, labels: torch.Tensor, kinds: torch.Tensor,
                    groups: Optional[scg.ParallelGroups] = None) -> torch.Tensor:
-        """Score the vocab-parallel logits shard against ``labels`` and add; returns the per-token losses."""
+        """Score the vocab-parallel logits shard against ``labels`` and add; returns the per-token losses.
+
+        Only the ``vocab_size`` real tokens compete: the rows that pad the vocabulary to a multiple of the tp
+        degree (Megatron's ``padded_vocab_size``) are left out of the softmax, as every converted model (TAPE, HF)
+        leaves them out, so a converted model scores what the trainer reports (``tests/test_evaluate_mlm.py``)."""
+        groups = groups if groups is not None else scg.current()
+        shard = logits_shard.shape[-1]
+        first_padding = self.vocab_size - groups.rank_in("tp") * shard  # local index of the first padding row
+        if first_padding < shard:
+            logits_shard = logits_shard.clone()
+            logits_shard[..., max(first_padding, 0):] = float("-inf")
         per_token = tp_layers.vocab_parallel_cross_entropy(logits_shard, labels, groups=groups,
                                                            ignore_index=IGNORE_INDEX)
         self.add(per_token.detach(), labels, kinds)
