@@ -21,6 +21,7 @@
 #   TRAIN_ITERS MICRO_BATCH GLOBAL_BATCH SEQ_LENGTH LR                                   training overrides
 #   OUTPUT_DIR=runs/pfam_$MODEL                     checkpoints in $OUTPUT_DIR/checkpoints, logs in .../tensorboard
 #   WORKERS=2                                       preprocessing processes
+#   DATA_WAIT_SECONDS=3600                          nodes other than 0 wait this long for node 0's preprocessing
 # Examples:
 #   bash scripts/pretrain_pfam.sh                                         # the default CPU run
 #   MODEL=small TRAIN_ITERS=5000 bash scripts/pretrain_pfam.sh --bf16     # longer, bf16 autocast
@@ -73,27 +74,26 @@ MASK_PROB="${MASK_PROB:-${P[11]}}"
 # Evaluation: 512 held-out samples per set (BERT's 15% masking whatever MASK_PROB is), 8,000+ <mask> positions.
 EVAL_ITERS=$(( (512 + GLOBAL_BATCH - 1) / GLOBAL_BATCH ))
 
-# 1. Data: preprocess once (the outputs are written atomically, so an existing prefix is complete).
+# 1. Data: preprocess once per input. The cache directory is keyed on a hash of the input's real path, size and
+# mtime, the split, the seed and the tokenizer, and is used only once its completion stamp (written last) is there;
+# see megatron_protein/data/cache.py. Node 0 preprocesses; the other nodes wait for the stamp.
 if [ -z "${DATA_PREFIX:-}" ]; then
-  DATA_PREFIX="$OUTPUT_DIR/data/$(basename "${INPUT%%.*}")"
-  HOLDOUT_ARGS=()
-  [ "$HOLDOUT" != "0,0" ] && HOLDOUT_ARGS=(--holdout-sequences "$HOLDOUT")
-  last_split="${DATA_PREFIX}_train.idx"
-  [ "$HOLDOUT" != "0,0" ] && last_split="${DATA_PREFIX}_test_infamily.idx"
-  if [ ! -f "${DATA_PREFIX}_train.idx" ] || [ ! -f "$last_split" ]; then
-    echo "[pretrain_pfam] preprocessing $INPUT -> ${DATA_PREFIX}_{train,valid,test}" \
-         "(families held out: $SPLIT; sequences of training families held out: $HOLDOUT)"
-    mkdir -p "$(dirname "$DATA_PREFIX")"
-    "$PYTHON" -m megatron_protein.data.preprocess --input "$INPUT" --output-prefix "$DATA_PREFIX" \
-      --split-by-family "$SPLIT" "${HOLDOUT_ARGS[@]}" --seed 1234 --workers "$WORKERS"
-  fi
+  WAIT=0
+  if [ "$NODE_RANK" != "0" ]; then WAIT="${DATA_WAIT_SECONDS:-3600}"; fi
+  echo "[pretrain_pfam] data: $INPUT (families held out: $SPLIT; sequences of training families held out:" \
+       "$HOLDOUT), cached under $OUTPUT_DIR/data"
+  DATA_PREFIX="$("$PYTHON" -m megatron_protein.data.cache --input "$INPUT" --cache-dir "$OUTPUT_DIR/data" \
+    --split-by-family "$SPLIT" --holdout-sequences "$HOLDOUT" --seed 1234 --tokenizer-type iupac \
+    --workers "$WORKERS" --wait-seconds "$WAIT" | tail -n 1)"
 fi
 
 # 2. Pretraining. One thread per process on CPU (torchrun's default), so TP ranks do not fight over cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 echo "[pretrain_pfam] model $MODEL: $LAYERS layers, hidden $HIDDEN, $HEADS heads, seq $SEQ_LENGTH;" \
      "TP=$TP PP=$PP on $NNODES node(s) x $NPROC_PER_NODE processes; $TRAIN_ITERS iterations"
-"$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+# megatron_protein.launch is torchrun, without torchrun's report when a rank stops on a known error (that rank
+# prints one line "error: ..." and the launch exits with 2).
+"$PYTHON" -m megatron_protein.launch --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   "${RDZV[@]}" \
   "$REPO_ROOT/pretrain/pretrain_protein_bert.py" \
   --data-path "$DATA_PREFIX" \

@@ -32,7 +32,14 @@ of records or on ``--workers``, and are reproducible by ``--seed``:
 Outputs ``PREFIX_{train,valid,test}.{bin,idx}`` when splitting (and ``PREFIX_{valid,test}_infamily`` with
 ``--holdout-sequences``) (``PREFIX.{bin,idx}`` otherwise) and
 ``PREFIX_summary.json``: sequences, residues, unknown residues, dropped records with the reason, length histogram.
-Every file is written under a temporary name and renamed when complete; an error leaves nothing behind.
+Every file is written under a temporary name and renamed when complete; an error leaves nothing behind, and so do
+SIGTERM, SIGHUP and SIGINT (the temporary files are removed before the process exits).
+
+A run holds ``PREFIX.lock`` (:class:`~megatron_protein.utils.locks.OutputLock`): a second run on the same prefix
+fails at once, naming the first; temporary files left under the prefix by a run that was killed with SIGKILL are
+removed when the next run starts. Inputs are checked before any work (every file exists, is not empty, has a
+known format) and the outputs after: an input without records, or a split that would be empty although its
+fraction is not 0, is an error naming the file.
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import sys
 import tempfile
 import time
@@ -56,6 +64,8 @@ from .indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_dtype, make
 from .readers import FORMATS, ByteRange, SequenceRecord, detect_format, is_gzip, partition_file, read_records
 from .readers import read_fasta, read_stockholm
 from .tokenizer import build_tokenizer
+from megatron_protein.utils import errors, fs
+from megatron_protein.utils.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
@@ -66,13 +76,17 @@ PARTITIONS_PER_WORKER = 4  # more ranges than workers, so a slow range does not 
 PARTITION_BYTES = 32 << 20  # and ranges of at most ~32 MiB, so a part's encoded result stays small
 
 
+class PreprocessError(errors.UserError, ValueError):
+    """The inputs produce no usable output (no records, or an empty split); nothing was written."""
+
+
 def parse_fractions(text: str, flag: str) -> tuple[float, float, float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} expects three numbers like 0.9,0.05,0.05, got {text!r}") from None
+        raise errors.ConfigError(f"{flag} expects three numbers like 0.9,0.05,0.05, got {text!r}") from None
     if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"{flag} expects three non-negative numbers TRAIN,VALID,TEST, got {text!r}")
+        raise errors.ConfigError(f"{flag} expects three non-negative numbers TRAIN,VALID,TEST, got {text!r}")
     total = sum(values)
     return tuple(v / total for v in values)  # type: ignore[return-value]
 
@@ -82,9 +96,10 @@ def parse_holdout(text: str) -> tuple[float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--holdout-sequences expects two numbers like 0.05,0.05, got {text!r}") from None
+        raise errors.ConfigError(f"--holdout-sequences expects two numbers like 0.05,0.05, got {text!r}") from None
     if len(values) != 2 or min(values) < 0 or sum(values) >= 1:
-        raise ValueError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, got {text!r}")
+        raise errors.ConfigError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, got "
+                                 f"{text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -271,27 +286,91 @@ def _convert_partition(path: str, input_format: str, part: ByteRange, options: O
 
 
 # ------------------------------------------------------------------------------------------------ main side
+def stale_temp_patterns(output_prefix: str) -> list[str]:
+    """Regular expressions of the temporary file names any run on ``output_prefix`` creates (builders and summary),
+    whatever its split options."""
+    names = [output_prefix] + [f"{output_prefix}_{s}" for s in SPLIT_NAMES + INFAMILY_SPLIT_NAMES]
+    patterns = [rf"\.{re.escape(os.path.basename(n))}\.{fs.MKSTEMP_RANDOM}\.(bin|sizes|docs|idx)\.tmp"
+                for n in names]
+    patterns.append(rf"{re.escape(os.path.basename(output_prefix))}_summary\.json\.{fs.MKSTEMP_RANDOM}\.tmp")
+    return patterns
+
+
+def check_inputs(inputs: list[str], input_format: str | None) -> list[str]:
+    """Every input exists, is not empty and has a known format (before any work); returns the formats."""
+    formats = []
+    for path in inputs:
+        if not os.path.exists(path):
+            raise FileNotFoundError(2, "no such file or directory (expected a FASTA, Stockholm, TAPE LMDB or "
+                                       "TAPE JSON input)", path)
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise PreprocessError(f"{path}: empty file; expected {input_format or 'FASTA, Stockholm or JSON'} "
+                                  f"records")
+        formats.append(input_format or detect_format(path))
+    return formats
+
+
 def preprocess(inputs: list[str], output_prefix: str, input_format: str | None = None,
                split_by_family: tuple[float, float, float] | None = None,
                split_random: tuple[float, float, float] | None = None,
                holdout_sequences: tuple[float, float] | None = None, seed: int = 1234, workers: int = 1,
                tokenizer_type: str = "iupac", tokenizer_model: str | None = None, min_length: int = 1,
                max_length: int | None = None, batch_size: int = 2048, progress: bool = True) -> dict:
-    """Run the conversion; returns the summary dict (also written to ``PREFIX_summary.json``)."""
+    """Run the conversion; returns the summary dict (also written to ``PREFIX_summary.json``).
+
+    Holds the prefix's lock, removes what a killed run left, checks the inputs, and removes its own temporary
+    files on an error or on SIGTERM/SIGHUP/SIGINT (see the module docstring)."""
     if split_by_family and split_random:
-        raise ValueError("choose one of --split-by-family and --split-random")
+        raise errors.ConfigError("choose one of --split-by-family and --split-random")
     if holdout_sequences is not None:
         if not split_by_family:
-            raise ValueError("--holdout-sequences holds out sequences of the training families: it needs "
-                             "--split-by-family")
+            raise errors.ConfigError("--holdout-sequences holds out sequences of the training families: it needs "
+                                     "--split-by-family")
         holdout_sequences = tuple(float(v) for v in holdout_sequences)
         if len(holdout_sequences) != 2 or min(holdout_sequences) < 0 or sum(holdout_sequences) >= 1:
-            raise ValueError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, got "
-                             f"{holdout_sequences}")
+            raise errors.ConfigError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, "
+                                     f"got {holdout_sequences}")
         if sum(holdout_sequences) == 0:
             holdout_sequences = None
     if isinstance(inputs, str):
         inputs = [inputs]
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    with OutputLock(output_prefix, "--output-prefix"), errors.terminate_on_signals():
+        fs.remove_stale_temp_files(out_dir, stale_temp_patterns(output_prefix))
+        formats = check_inputs(inputs, input_format)
+        return _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences, seed,
+                           workers, tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress)
+
+
+def _check_outputs(inputs: list[str], per_input: dict, names: list[str], progress: "Progress",
+                   fractions: tuple[float, ...] | None, by_family: bool) -> None:
+    for path in inputs:
+        if per_input.get(path, 0) == 0:
+            raise PreprocessError(f"{path}: no records found; expected at least one sequence record")
+    dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(progress.dropped.items())) or "none"
+    split_names = SPLIT_NAMES + INFAMILY_SPLIT_NAMES
+    for k, (name, stats) in enumerate(zip(names, progress.stats)):
+        if stats.sequences:
+            continue
+        if fractions is not None and fractions[k] == 0:
+            continue  # asked to be empty
+        if fractions is None or sum(s.sequences for s in progress.stats) == 0:
+            raise PreprocessError(f"{', '.join(inputs)}: no sequence was kept for {name}: {progress.records_read} "
+                                  f"record(s) read, dropped: {dropped}")
+        if k >= len(SPLIT_NAMES):  # in-family held-out sequences: a fraction of each training family's records
+            unit, total = "training-family records", progress.stats[0].sequences
+        elif by_family:
+            unit, total = "families", len(set().union(*(s.families for s in progress.stats)))
+        else:
+            unit, total = "records", sum(s.sequences for s in progress.stats)
+        raise PreprocessError(
+            f"{', '.join(inputs)}: the {split_names[k]} split ({name}) would be empty although it gets "
+            f"{fractions[k]:.3g} of the {unit}: the input has only {total} {unit}; use a larger input, another "
+            f"--seed, or give that split the fraction 0")
+
+
+def _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences, seed, workers,
+                tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress) -> dict:
     options = Options(split_by_family, split_random, holdout_sequences, seed, tokenizer_type, tokenizer_model,
                       min_length, max_length, batch_size)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
@@ -316,11 +395,15 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
     pool = None
     pending_parts: collections.deque = collections.deque()  # worker tasks, in input order
 
+    per_input: dict[str, int] = collections.Counter()
+
     def merge_next_part() -> None:
-        part_progress, outputs = pending_parts.popleft().result()
+        part_path, future = pending_parts.popleft()
+        part_progress, outputs = future.result()
         for builder, (tokens, lengths) in zip(builders, outputs):
             builder.add_documents(tokens, lengths)
         converter.progress.merge(part_progress)
+        per_input[part_path] += part_progress.records_read
         report(part_progress.records_read)
 
     try:
@@ -331,13 +414,12 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
             pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                                           initializer=_init_worker,
                                                           initargs=(tokenizer_type, tokenizer_model))
-        for path in inputs:
-            fmt = input_format or detect_format(path)
+        for path, fmt in zip(inputs, formats):
             if pool is not None and fmt in ("fasta", "stockholm") and not is_gzip(path):
                 parts = max(workers * PARTITIONS_PER_WORKER, -(-os.path.getsize(path) // PARTITION_BYTES))
                 for part in partition_file(path, fmt, parts):
-                    pending_parts.append(pool.submit(_convert_partition,
-                                                     path, fmt, part, options, np.dtype(dtype).name))
+                    pending_parts.append((path, pool.submit(_convert_partition,
+                                                            path, fmt, part, options, np.dtype(dtype).name)))
                     # Written in input order; at most 2 x workers parts are in flight or waiting in memory.
                     while len(pending_parts) >= 2 * workers:
                         merge_next_part()
@@ -348,6 +430,7 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
             if pool is None:
                 for batch in batches:
                     converter.add(batch, *tokenizer.encode_batch([r.sequence for r in batch]))
+                    per_input[path] += len(batch)
                     report(len(batch))
             else:  # cannot cut this input: read here, encode in the pool, bounded look-ahead
                 pending: collections.deque = collections.deque()
@@ -356,13 +439,19 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
                     while len(pending) >= 2 * workers or (pending and pending[0][1].done()):
                         done, result = pending.popleft()
                         converter.add(done, *result.result())
+                        per_input[path] += len(done)
                         report(len(done))
                 while pending:
                     done, result = pending.popleft()
                     converter.add(done, *result.result())
+                    per_input[path] += len(done)
                     report(len(done))
         while pending_parts:
             merge_next_part()
+        fractions = split_by_family or split_random
+        if fractions is not None and holdout_sequences:
+            fractions = tuple(fractions) + tuple(holdout_sequences)
+        _check_outputs(inputs, per_input, names, converter.progress, fractions, bool(split_by_family))
         elapsed = time.perf_counter() - start
         p = converter.progress
         total_residues = sum(s.residues for s in p.stats)
@@ -389,10 +478,17 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
             bar.close()
     summary_path = f"{output_prefix}_summary.json"
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(summary_path) + ".", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=2)
-    make_world_readable(tmp)
-    os.replace(tmp, summary_path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        make_world_readable(tmp)
+        fs.replace_durably(tmp, summary_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return summary
 
 
@@ -460,7 +556,7 @@ def log_summary_to_tensorboard(summary: dict, log_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = errors.one_line_parse_errors(build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     summary = preprocess(
         args.input, args.output_prefix, args.input_format,
@@ -479,4 +575,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_cli(main))

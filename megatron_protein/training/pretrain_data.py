@@ -32,6 +32,7 @@ import torch
 
 from megatron_protein.data.indexed_dataset import MMapIndexedDataset, dataset_exists
 from megatron_protein.data.mlm_dataset import MLMDataset, attention_mask_from_segments
+from megatron_protein.utils.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ SPLITS = ("train", "valid", "test", "valid_infamily", "test_infamily")  # order 
 #: The held-out sets, validation and test, in reporting order.
 VALID_SPLITS = ("valid", "valid_infamily")
 TEST_SPLITS = ("test", "test_infamily")
+
+
+class DataError(UserError, ValueError):
+    """The pretraining data cannot be used (an empty training split); the message names the files."""
 
 
 class IndexedSubset:
@@ -76,7 +81,7 @@ def resolve_sources(data_path: Optional[str], split: str, train_data_path: Optio
     if train_data_path is not None:
         return {name: (MMapIndexedDataset(explicit[name]) if explicit.get(name) else None) for name in SPLITS}
     if data_path is None:
-        raise ValueError("no data: give --data-path or --train-data-path")
+        raise ConfigError("no data: give --data-path or --train-data-path")
     if dataset_exists(f"{data_path}_train"):
         return {name: (MMapIndexedDataset(f"{data_path}_{name}") if dataset_exists(f"{data_path}_{name}")
                        else None) for name in SPLITS}
@@ -89,6 +94,26 @@ def resolve_sources(data_path: Optional[str], split: str, train_data_path: Optio
     for name, (start, stop) in split_ranges(len(full), split).items():
         sources[name] = IndexedSubset(full, start, stop, name) if stop > start else None
     return sources
+
+
+def check_training_data(sources: dict, split: str, data_path: Optional[str] = None) -> None:
+    """Raise :class:`DataError` naming the file when there is nothing to train on (before any model is built)."""
+    train = sources.get("train")
+    if train is not None and len(train) > 0:
+        if np.any(np.asarray(train.sizes) == 0):
+            raise DataError(f"{train.prefix}.bin: holds empty sequences; re-run preprocess (it drops them)")
+        return
+    if train is None and data_path is not None and dataset_exists(data_path) and not dataset_exists(
+            f"{data_path}_train"):
+        size = len(MMapIndexedDataset(data_path))
+        raise DataError(f"{data_path}.bin: --split {split} leaves no sequence for training (the dataset has {size}); "
+                        f"give the train split a larger weight or preprocess more data")
+    prefix = getattr(train, "prefix", None)
+    if prefix is not None:
+        raise DataError(f"{prefix}.bin: the training split holds no sequences; preprocess an input with records "
+                        f"(python -m megatron_protein.data.preprocess)")
+    raise DataError("no training data: the data path has no train split (PREFIX_train or a --split with a train "
+                    "weight)")
 
 
 def build_datasets(sources: dict, seq_length: int, num_samples: dict[str, int], seed: int,

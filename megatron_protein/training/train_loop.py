@@ -51,15 +51,11 @@ from megatron_protein.training.mlm_metrics import MLMMetrics, training_frequenci
 from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler, build_optimizer, clip_grad_norm,
                                                  grads_are_finite)
 from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, attention_mask, build_datasets,
-                                                     micro_batch_loader, residue_counts, resolve_sources,
-                                                     split_titles)
+                                                     check_training_data, micro_batch_loader, residue_counts,
+                                                     resolve_sources, split_titles)
 from megatron_protein.utils.agree import on_all_ranks
-from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.errors import NonFiniteLossError
 from megatron_protein.utils.locks import LockError, OutputLock
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """Too many consecutive steps had a NaN or inf loss or gradient (each was skipped; the weights are finite)."""
 
 
 #: The data arguments a resumed run must share with its checkpoint (unless --allow-data-path-change).
@@ -116,6 +112,10 @@ class Pretrainer:
         self.groups = groups = groups if groups is not None else scg.current()
         args = config.args
         self.num_micro_batches = resolve_batch(config.train, groups.size("dp"))
+        # The data is checked before anything is built: an empty training split fails here, naming its file.
+        self.sources = resolve_sources(config.data.data_path, config.data.split, config.data.train_data_path,
+                                       config.data.valid_data_path, config.data.test_data_path)
+        check_training_data(self.sources, config.data.split, config.data.data_path)
         # What checkpoints record (Megatron's names), including what only the world size decides.
         args.global_batch_size = config.train.global_batch_size
         args.data_parallel_size = groups.size("dp")
@@ -164,8 +164,7 @@ class Pretrainer:
 
         # Data: every rank opens the datasets (memory-mapped); stages read the fields they need.
         train, data = config.train, config.data
-        sources = resolve_sources(data.data_path, data.split, data.train_data_path, data.valid_data_path,
-                                  data.test_data_path)
+        sources = self.sources
         eval_samples = config.logging.eval_iters * train.global_batch_size
         self.datasets = build_datasets(
             sources, data.seq_length, {"train": train.train_iters * train.global_batch_size}, data.seed,

@@ -7,7 +7,7 @@ the file (and the line or record) and says what was expected:
   ``DataFileError``, ``LockError``, ``UnsafeFileError``, ... carry it as a mixin beside ``ValueError`` or
   ``RuntimeError``, so existing ``except ValueError`` code keeps working);
 * a ``FileNotFoundError``/``FileExistsError``/``IsADirectoryError``/``NotADirectoryError``/``PermissionError``
-  about a named file;
+  (a missing or unwritable file: the user's environment, not a bug);
 * a ``ValueError`` raised inside :func:`config_phase` (where flags become configs: every such ``ValueError`` is a
   message about a flag), re-raised as :class:`ConfigError`.
 
@@ -48,6 +48,10 @@ class ConfigError(UserError, ValueError):
     """A flag or a combination of flags that cannot work; the message names the flag and what was expected."""
 
 
+class NonFiniteLossError(UserError, RuntimeError):
+    """Too many consecutive steps had a NaN or inf loss or gradient (each was skipped; the weights are finite)."""
+
+
 class Terminated(BaseException):
     """SIGTERM (or SIGHUP) arrived; raised in the main thread by :func:`terminate_on_signals` so that ``finally``
     blocks and ``except BaseException`` clean-ups run before the process dies."""
@@ -60,7 +64,7 @@ class Terminated(BaseException):
 def is_known(exc: BaseException) -> bool:
     if isinstance(exc, UserError):
         return True
-    return isinstance(exc, _KNOWN_OS_ERRORS) and getattr(exc, "filename", None) is not None
+    return isinstance(exc, _KNOWN_OS_ERRORS)
 
 
 def one_line(exc: BaseException) -> str:

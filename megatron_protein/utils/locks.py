@@ -134,7 +134,19 @@ class OutputLock:
         recorded, now = info.get("process_start_ticks"), _process_start_ticks(pid)
         return recorded is not None and now is not None and recorded != now
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self, wait_seconds: float = 0.0) -> "OutputLock":
+        """Take the lock or raise :class:`LockError` naming the holder; with ``wait_seconds`` > 0, retry while
+        another job holds it (for short critical sections such as merging a results file)."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                return self._acquire_once()
+            except LockError:
+                if self._fd is not None or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _acquire_once(self) -> "OutputLock":
         if self._fd is not None:
             raise LockError(f"{self.path}: this lock object is already held")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -200,7 +212,8 @@ class OutputLock:
         return self._fd is not None
 
     def __enter__(self) -> "OutputLock":
-        return self.acquire()
+        # ``with OutputLock(p):`` takes the lock; ``with OutputLock(p).acquire(wait_seconds=...):`` already has it.
+        return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
