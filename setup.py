@@ -7,11 +7,14 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "sentencepiece>=0.2",
     "tensorboard>=2.14",
+    "matplotlib>=3.7",  # curves for the docs (bench/pretrain_curves.py)
     "tqdm>=4.66",
     "lmdb>=1.4",
     "scipy>=1.11",
     # Plots of the folding launcher (loss curve, pLDDT along the chain).
     "matplotlib>=3.7",
+    # tape_tasks.attention_contacts: the L1 logistic regression on attention maps (Rao et al. 2020, as ESM fits it)
+    "scikit-learn>=1.3",
     # MSAs: jackhmmer in process and easel's Stockholm reader (megatron_protein/data/msa.py).
     "pyhmmer>=0.10",
     # Structures: PDB/mmCIF reading and writing, sequence alignment, reference metrics (megatron_protein.structure).

@@ -75,12 +75,13 @@ def rss_mib():
 
 BASELINE = RSS + """
 import glob, json, os, resource, sys, time, torch
+from megatron_protein.utils.safe_load import load_torch_file
 save, out = sys.argv[1], sys.argv[2]
 after_import = rss_mib()
 t = time.perf_counter()
 merged = {}
 for path in sorted(glob.glob(os.path.join(save, "iter_*", "mp_rank_*", "model_optim_rng.pt"))):
-    state = torch.load(path, map_location="cpu", weights_only=False)     # the whole file, optimizer included
+    state = load_torch_file(path)     # the whole file read, optimizer included (torch.load, weights only)
     for k, v in state["model"].items():
         merged[os.path.basename(os.path.dirname(path)) + "/" + k] = v
 torch.save(merged, out)

@@ -8,7 +8,8 @@
 The arguments are those of ProteinLM's converter (``-src -dst -out -dtp -hidden -heads -layers`` also work), but
 ``--src`` may be a save directory, an ``iter_*`` directory or one ``model_optim_rng.pt``, every partition is
 merged on the fly, and ``--hidden/--heads/--layers`` are checked against the checkpoint instead of trusted.
-The logic is in :mod:`megatron_protein.conversion.to_tape`; see docs/converter.md.
+The logic is in :mod:`megatron_protein.conversion.to_tape`; see docs/converter.md. Errors print one line
+``error: <file>: <what was expected>`` and exit with status 2 (docs/security.md).
 """
 import argparse
 import logging
@@ -17,10 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_protein.conversion.megatron_checkpoint import CheckpointError  # noqa: E402
-from megatron_protein.conversion.to_tape import ConversionError, convert  # noqa: E402
-from megatron_protein.conversion.verify import VerificationError  # noqa: E402
-from megatron_protein.conversion.vocabulary import VocabularyError  # noqa: E402
+from megatron_protein.conversion.to_tape import convert  # noqa: E402
+from megatron_protein.utils import errors  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip loading the written models back and comparing their outputs with the Megatron "
                              "model's on a probe batch (done before the directory is published)")
     parser.add_argument("--quiet", action="store_true", help="do not print the table of converted tensors")
-    return parser
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load --src with the full unpickler, which can run code from the file (only for old "
+                             "checkpoints you trust that the safe loader refuses)")
+    parser.add_argument("--allow-replicated-mismatch", action="store_true",
+                        help="convert although a tensor replicated across tensor-parallel ranks (or the tied head "
+                             "embedding) differs between shards; tp rank 0's copy is used")
+    return errors.one_line_parse_errors(parser)
 
 
 def main(argv=None) -> int:
@@ -61,17 +66,14 @@ def main(argv=None) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if "tape" not in formats:
         formats.insert(0, "tape")
-    try:
+    with errors.config_phase():  # a bad --dtp, --format, --vocab
         convert(args.src, args.out, dst=args.dst, dtype=args.dtype, hidden=args.hidden, heads=args.heads,
                 layers=args.layers, vocab=args.vocab, formats=formats,
-                table_file=None if args.quiet else sys.stdout, verify=not args.no_verify)
-    except (CheckpointError, ConversionError, VocabularyError, VerificationError, ValueError,
-            FileExistsError) as exc:
-        print(f"megatron-converter: error: {exc}", file=sys.stderr)
-        return 2
+                table_file=None if args.quiet else sys.stdout, verify=not args.no_verify,
+                trust=args.trust_checkpoint, allow_replicated_mismatch=args.allow_replicated_mismatch)
     print(f"wrote {os.path.abspath(args.out)}" + (" (+ hf-esm)" if "hf-esm" in formats else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_cli(main))

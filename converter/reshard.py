@@ -5,6 +5,7 @@
 
 Model weights, args (new degrees, re-padded vocabulary), iteration and LR schedule are carried; optimizer moments
 and RNG states are not (resume with the optimizer restarted). Logic: megatron_protein.conversion.reshard.
+Errors print one line ``error: <file>: <what was expected>`` and exit with status 2 (docs/security.md).
 """
 import argparse
 import logging
@@ -13,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_protein.conversion.megatron_checkpoint import CheckpointError  # noqa: E402
-from megatron_protein.conversion.reshard import ReshardError, reshard  # noqa: E402
+from megatron_protein.conversion.reshard import reshard  # noqa: E402
+from megatron_protein.utils import errors  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,17 +27,21 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="unpadded vocabulary size (default: args.vocab_size or the detected vocabulary)")
     parser.add_argument("--vocab", default="auto", help="auto, tape, proteinlm or a vocabulary file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load --src with the full unpickler, which can run code from the file (only for old "
+                             "checkpoints you trust that the safe loader refuses)")
+    parser.add_argument("--allow-replicated-mismatch", action="store_true",
+                        help="reshard although a tensor replicated across tensor-parallel ranks differs between "
+                             "shards; tp rank 0's copy is used")
+    args = errors.one_line_parse_errors(parser).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        written = reshard(args.src, args.out, args.tp, args.pp, vocab_size=args.vocab_size, vocab=args.vocab)
-    except (CheckpointError, ReshardError, ValueError, FileExistsError) as exc:
-        print(f"reshard: error: {exc}", file=sys.stderr)
-        return 2
+    with errors.config_phase():
+        written = reshard(args.src, args.out, args.tp, args.pp, vocab_size=args.vocab_size, vocab=args.vocab,
+                          trust=args.trust_checkpoint, allow_replicated_mismatch=args.allow_replicated_mismatch)
     for (t, p), path in sorted(written.items()):
         print(f"tp {t} pp {p}: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_cli(main))

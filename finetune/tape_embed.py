@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tape_tasks.cli import embed_main  # noqa: E402
+from tape_tasks.cli import command, embed_main  # noqa: E402
 
 if __name__ == "__main__":
-    embed_main()
+    sys.exit(command(embed_main))

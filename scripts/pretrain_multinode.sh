@@ -20,6 +20,6 @@ export MASTER_PORT="${MASTER_PORT:-29500}"
 export MODEL="${MODEL:-base}" TP="${TP:-4}" PP="${PP:-2}" NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 export INPUT="${INPUT:-$REPO_ROOT/data/pfam/pfam_sample.fasta}"
 export OUTPUT_DIR="${OUTPUT_DIR:-$REPO_ROOT/runs/pfam_${MODEL}_multinode}"
-# Best: preprocess once beforehand and pass DATA_PREFIX. Otherwise every node preprocesses INPUT when the prefix is
-# missing; the outputs are identical and renamed into place atomically, so concurrent nodes cannot read half files.
+# Best: preprocess once beforehand and pass DATA_PREFIX. Otherwise node 0 preprocesses INPUT into the shared
+# OUTPUT_DIR/data cache and the other nodes wait for its completion stamp (DATA_WAIT_SECONDS, default 3600).
 exec bash "$REPO_ROOT/scripts/pretrain_pfam.sh" --bf16 --overlap-grad-reduce "$@"

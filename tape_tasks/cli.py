@@ -12,6 +12,8 @@ import argparse
 import logging
 from typing import Optional, Sequence
 
+from megatron_protein.utils import errors
+
 from .metrics import CONTACT_METRICS, METRICS, SEPARATION_RANGES
 from .registry import TASKS
 from .training import EmbedConfig, EvalConfig, TrainConfig, run_embed, run_eval, run_train
@@ -68,9 +70,17 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, default=-1, help="stop after N epochs without improvement")
     parser.add_argument("--resume_from_checkpoint", action="store_true",
                         help="also restore optimizer, scheduler and epoch from --from_pretrained/checkpoint.bin")
+    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true", dest="trust_checkpoint",
+                        help="load checkpoint.bin with the full unpickler, which can run code from the file (only "
+                             "for old files you trust that the safe loader refuses)")
     parser.add_argument("--pooling", choices=["mean", "cls"], default=None, help="per-protein pooling (default: "
                                                                                   "the config's, mean)")
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout inside the task head")
+    parser.add_argument("--max_consecutive_skipped_steps", type=int, default=10,
+                        help="stop after this many consecutive steps skipped for a non-finite loss or gradient")
+    parser.add_argument("--distributed-timeout-minutes", "--distributed_timeout_minutes", type=float, default=10.0,
+                        dest="distributed_timeout_minutes",
+                        help="how long a collective waits for the other ranks before the run fails (default 10)")
     # Accepted so TAPE command lines keep working; every optimizer step is logged to TensorBoard here.
     parser.add_argument("--num_log_iter", type=int, default=20, help=argparse.SUPPRESS)
     return parser
@@ -120,18 +130,32 @@ def _pick(cls, args: argparse.Namespace, **renames):
 
 
 def train_main(argv: Optional[Sequence[str]] = None):
-    args = train_parser().parse_args(argv)
+    args = errors.one_line_parse_errors(train_parser()).parse_args(argv)
     _configure_logging(args.log_level)
-    return run_train(_pick(TrainConfig, args))
+    with errors.config_phase():
+        config = _pick(TrainConfig, args)
+    return run_train(config)
 
 
 def eval_main(argv: Optional[Sequence[str]] = None):
-    args = eval_parser().parse_args(argv)
+    args = errors.one_line_parse_errors(eval_parser()).parse_args(argv)
     _configure_logging(args.log_level)
-    return run_eval(_pick(EvalConfig, args, contact_ranges="contact_range"))
+    with errors.config_phase():
+        config = _pick(EvalConfig, args, contact_ranges="contact_range")
+    return run_eval(config)
 
 
 def embed_main(argv: Optional[Sequence[str]] = None):
-    args = embed_parser().parse_args(argv)
+    args = errors.one_line_parse_errors(embed_parser()).parse_args(argv)
     _configure_logging(args.log_level)
-    return run_embed(_pick(EmbedConfig, args))
+    with errors.config_phase():
+        config = _pick(EmbedConfig, args)
+    return run_embed(config)
+
+
+def command(main):
+    """``main`` as a command line: exit status 0, or 2 with one line for a known error (docs/security.md)."""
+    def run(argv: Optional[Sequence[str]] = None) -> int:
+        main(argv)
+        return 0
+    return errors.run_cli(run)

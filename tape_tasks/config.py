@@ -20,11 +20,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_protein.utils.errors import UserError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """A model directory is missing a file, or its config and weights disagree."""
 
 

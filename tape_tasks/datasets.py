@@ -4,7 +4,8 @@ Files are found where TAPE puts them: ``DATA_DIR/<folder>/<stem>_<split>.{lmdb,j
 ``data/secondary_structure/secondary_structure_cb513.lmdb`` or ``data/proteinnet/proteinnet_valid.json``.
 
 * LMDB (TAPE's download): an LMDB environment whose key ``b"num_examples"`` holds the pickled record count and
-  whose keys ``b"0"``, ``b"1"``, ... hold pickled dict records.
+  whose keys ``b"0"``, ``b"1"``, ... hold pickled dict records, unpickled by a restricted unpickler that builds
+  builtin values and NumPy arrays only (:func:`megatron_protein.utils.safe_load.load_record`).
 * JSON (TAPE's ``JSONDataset``): one JSON list of dict records.
 
 Both give the same records (numpy arrays in LMDB and lists in JSON are converted alike), so a split gives the same
@@ -32,6 +33,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.safe_load import load_record
+
 from .tokenizer import TAPETokenizer
 
 logger = logging.getLogger(__name__)
@@ -41,7 +45,7 @@ FORMATS = ("lmdb", "json")
 NOT_SPLITS = {"label_maps"}
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError, ValueError):
     """A data file is missing, unreadable, or holds a record the task cannot use."""
 
 
@@ -94,7 +98,10 @@ class LMDBRecords:
         env.close()
         if raw is None:
             raise DataFileError(f"{path}: LMDB has no 'num_examples' key; not a TAPE LMDB file")
-        self._length = int(pickle.loads(raw))
+        count = load_record(raw, f"{path}: num_examples")
+        if not isinstance(count, (int, np.integer)) or count < 0:
+            raise DataFileError(f"{path}: num_examples: expected a record count, found {count!r}")
+        self._length = int(count)
 
     def _open(self):
         if self._env is None:
@@ -119,7 +126,7 @@ class LMDBRecords:
             raw = txn.get(str(index).encode())
         if raw is None:
             raise DataFileError(f"{self.path}: record {index} is missing (num_examples = {self._length})")
-        record = pickle.loads(raw)
+        record = load_record(raw, f"{self.path}: record {index}")
         if not isinstance(record, dict):
             raise DataFileError(f"{self.path}: record {index} is a {type(record).__name__}, expected a dict")
         record.setdefault("id", str(index))
@@ -177,7 +184,12 @@ def open_split(data_dir: str, folder: str, stem: str, split: str, data_format: s
 
 
 class TAPEDataset(torch.utils.data.Dataset):
-    """Records of one split turned into examples of one task; subclasses say which keys they need."""
+    """Records of one split turned into examples of one task; subclasses say which keys they need.
+
+    :meth:`validate` checks every record up front (keys, sequence letters, label shapes and ranges: everything
+    :meth:`__getitem__` would reject) and raises :class:`DataFileError` naming the first bad record, so a bad
+    record is found before the first step, not mid-epoch; an empty split is an error too.
+    """
 
     required_keys: tuple[str, ...] = ("primary",)
     task_name = "task"
@@ -205,6 +217,35 @@ class TAPEDataset(torch.utils.data.Dataset):
     def _error(self, index: int, record: dict[str, Any], message: str) -> DataFileError:
         return DataFileError(f"{self.records.path}: record {index} (id {record.get('id')!r}): {message}")
 
+    def _array(self, index: int, record: dict[str, Any], key: str, dtype) -> np.ndarray:
+        try:
+            return np.asarray(record[key], dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise self._error(index, record, f"'{key}' cannot be read as {np.dtype(dtype).name} values ({exc})") \
+                from None
+
+    def _targets(self, index: int, record: dict[str, Any], length: int):
+        """The checked targets of a record with ``length`` residues (what :meth:`validate` runs per record)."""
+        return None
+
+    def check(self, index: int) -> None:
+        """Raise :class:`DataFileError` naming record ``index`` if its example cannot be built."""
+        record = self._record(index)
+        self._targets(index, record, len(self._tokens(record, index)) - 2)
+
+    def validate(self, progress: bool = False) -> None:
+        """Check every record (see the class docstring)."""
+        if len(self) == 0:
+            raise DataFileError(f"{self.records.path}: the split holds no records; task {self.task_name} needs at "
+                                f"least one")
+        indices = range(len(self))
+        if progress and len(self) > 20000:
+            from tqdm import tqdm
+            indices = tqdm(indices, desc=f"checking {os.path.basename(self.records.path)}", unit=" records",
+                           mininterval=2.0)
+        for index in indices:
+            self.check(index)
+
     def length(self, index: int) -> int:
         """Residues of example ``index`` (for bucketing) without tokenizing it."""
         record = self.records[index]
@@ -230,16 +271,20 @@ class SecondaryStructureDataset(TAPEDataset):
         self.required_keys = ("primary", label_key)
         self.task_name = "secondary_structure" if label_key == "ss3" else "secondary_structure_8"
 
-    def __getitem__(self, index):
-        record = self._record(index)
-        tokens = self._tokens(record, index)
-        labels = np.asarray(record[self.label_key], dtype=np.int64).reshape(-1)
-        if labels.shape[0] != len(tokens) - 2:
-            raise self._error(index, record, f"'{self.label_key}' has {labels.shape[0]} labels for "
-                                             f"{len(tokens) - 2} residues")
+    def _targets(self, index, record, length):
+        labels = self._array(index, record, self.label_key, np.int64).reshape(-1)
+        if labels.shape[0] != length:
+            raise self._error(index, record, f"'{self.label_key}' has {labels.shape[0]} labels for {length} "
+                                             f"residues")
         if labels.size and (labels.max() >= self.num_labels or labels.min() < -1):
             raise self._error(index, record, f"'{self.label_key}' labels must be in -1..{self.num_labels - 1}, got "
                                              f"{labels.min()}..{labels.max()}")
+        return labels
+
+    def __getitem__(self, index):
+        record = self._record(index)
+        tokens = self._tokens(record, index)
+        labels = self._targets(index, record, len(tokens) - 2)
         example = _base_example(tokens)
         example["targets"] = np.pad(labels, (1, 1), constant_values=-1)
         return example
@@ -255,13 +300,20 @@ class RemoteHomologyDataset(TAPEDataset):
         super().__init__(records, tokenizer)
         self.num_labels = num_labels
 
-    def __getitem__(self, index):
-        record = self._record(index)
-        example = _base_example(self._tokens(record, index))
-        label = int(np.asarray(record["fold_label"]).reshape(()))
+    def _targets(self, index, record, length):
+        label = self._array(index, record, "fold_label", np.int64)
+        if label.size != 1:
+            raise self._error(index, record, f"fold_label must be one integer, got {record['fold_label']!r}")
+        label = int(label.reshape(()))
         if not 0 <= label < self.num_labels:
             raise self._error(index, record, f"fold_label {label} is outside 0..{self.num_labels - 1}")
-        example["targets"] = np.asarray(label, dtype=np.int64)
+        return label
+
+    def __getitem__(self, index):
+        record = self._record(index)
+        tokens = self._tokens(record, index)
+        example = _base_example(tokens)
+        example["targets"] = np.asarray(self._targets(index, record, len(tokens) - 2), dtype=np.int64)
         return example
 
 
@@ -273,14 +325,18 @@ class ValueDataset(TAPEDataset):
         self.label_key, self.task_name = label_key, task_name
         self.required_keys = ("primary", label_key)
 
-    def __getitem__(self, index):
-        record = self._record(index)
-        example = _base_example(self._tokens(record, index))
-        value = np.asarray(record[self.label_key], dtype=np.float32).reshape(-1)
+    def _targets(self, index, record, length):
+        value = self._array(index, record, self.label_key, np.float32).reshape(-1)
         if value.shape != (1,) or not np.isfinite(value).all():
             raise self._error(index, record, f"'{self.label_key}' must be one finite number, got "
                                              f"{record[self.label_key]!r}")
-        example["targets"] = value
+        return value
+
+    def __getitem__(self, index):
+        record = self._record(index)
+        tokens = self._tokens(record, index)
+        example = _base_example(tokens)
+        example["targets"] = self._targets(index, record, len(tokens) - 2)
         return example
 
 
@@ -296,17 +352,22 @@ class ProteinnetDataset(TAPEDataset):
     contact_threshold = 8.0
     min_separation = 6
 
-    def __getitem__(self, index):
-        record = self._record(index)
-        tokens = self._tokens(record, index)
-        length = len(tokens) - 2
-        coords = np.asarray(record["tertiary"], dtype=np.float64)
+    def _targets(self, index, record, length):
+        coords = self._array(index, record, "tertiary", np.float64)
         if coords.shape != (length, 3):
             raise self._error(index, record, f"'tertiary' has shape {coords.shape}, expected ({length}, 3): one "
                                              f"point per residue")
-        valid = np.asarray(record["valid_mask"], dtype=bool).reshape(-1)
+        valid = self._array(index, record, "valid_mask", bool).reshape(-1)
         if valid.shape != (length,):
             raise self._error(index, record, f"'valid_mask' has {valid.shape[0]} entries for {length} residues")
+        if not np.isfinite(coords[valid]).all():
+            raise self._error(index, record, "'tertiary' holds non-finite coordinates at residues marked valid")
+        return coords, valid
+
+    def __getitem__(self, index):
+        record = self._record(index)
+        tokens = self._tokens(record, index)
+        coords, valid = self._targets(index, record, len(tokens) - 2)
         distances = np.sqrt(((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1))
         contacts = (distances < self.contact_threshold).astype(np.int64)
         i, j = np.indices(contacts.shape)

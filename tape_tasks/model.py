@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_protein.utils.safe_load import UnsafeFileError, load_torch_file
+
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModelFileError, ProteinBertConfig
 from .tokenizer import IUPAC_VOCAB
 
@@ -141,7 +143,12 @@ class ProteinModel(nn.Module):
         path = os.path.join(model_dir, WEIGHTS_NAME)
         if not os.path.exists(path):
             raise ModelFileError(f"{model_dir}: no {WEIGHTS_NAME} (found: {sorted(os.listdir(model_dir))})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_torch_file(path, what="model weights")
+        except UnsafeFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file, reported with its name
+            raise ModelFileError(f"{path}: cannot be read as PyTorch weights ({type(exc).__name__}: {exc})") from None
         load_checked(self, state, model_dir)
 
 

@@ -13,12 +13,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_protein.utils.errors import UserError
+
 _SPECIALS = ["<pad>", "<mask>", "<cls>", "<sep>", "<unk>"]
 _LETTERS = "ABCDEFGHIKLMNOPQRSTUVWXYZ"  # 25 IUPAC letters, no J
 IUPAC_VOCAB: dict[str, int] = {tok: i for i, tok in enumerate(_SPECIALS + list(_LETTERS))}
 
 
-class TokenizationError(ValueError):
+class TokenizationError(UserError, ValueError):
     """A sequence holds a letter the vocabulary does not have."""
 
 

@@ -13,11 +13,20 @@
 A run directory (``OUTPUT_DIR/<task>_<model>_<suffix>``) holds ``config.json`` and ``pytorch_model.bin`` (TAPE's
 model files), ``checkpoint.bin`` (optimizer, scheduler, epoch, best validation loss; what
 ``--resume_from_checkpoint`` restores) and ``args.json``. TensorBoard logs go to ``LOG_DIR/<run name>``.
+
+Failure handling (docs/security.md): every record of the splits a command reads is checked before the first step
+(:meth:`~tape_tasks.datasets.TAPEDataset.validate`; an empty split is an error); a training run holds
+``RUN_DIR.lock`` (``--force_save``: ``PATH.lock``), an evaluation its results file's lock and an embedding its
+output's, so a second job on the same output fails at once naming the first; ``checkpoint.bin`` is read by the
+weights-only loader (``--trust_checkpoint`` for an old file the user vouches for); a non-finite loss or gradient
+never reaches the weights (``GradScaler``'s skip for fp16; the same skip, decided on every rank together, in fp32
+and bf16).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -33,10 +42,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_protein.parallel import scg
+from megatron_protein.utils import fs
+from megatron_protein.utils.agree import on_all_ranks
+from megatron_protein.utils.errors import ConfigError, NonFiniteLossError
+from megatron_protein.utils.locks import LockError, OutputLock
+from megatron_protein.utils.safe_load import load_torch_file
 
 from . import metrics as tape_metrics
 from .config import ModelFileError, ProteinBertConfig
-from .datasets import make_loader, pad_stack
+from .datasets import DataFileError, make_loader, pad_stack
 from .heads import ProteinModelForTask
 from .model import BACKBONES, ProteinBertForMaskedLM, ProteinModel, onehot_config
 from .registry import TaskSpec, get_task
@@ -82,17 +96,22 @@ class TrainConfig:
     dropout: float = 0.1
     data_format: str = "auto"
     shuffle: bool = True
+    trust_checkpoint: bool = False
+    distributed_timeout_minutes: float = 10.0
+    max_consecutive_skipped_steps: int = 10
 
     def __post_init__(self):
+        if not self.distributed_timeout_minutes > 0:
+            raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {self.distributed_timeout_minutes}")
         if self.gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.fp16 and self.bf16:
-            raise ValueError("choose one of --fp16 and --bf16")
+            raise ConfigError("choose one of --fp16 and --bf16")
         if isinstance(self.save_freq, str) and self.save_freq != "improvement":
             try:
                 self.save_freq = int(self.save_freq)
             except ValueError:
-                raise ValueError(f"--save_freq must be an integer or 'improvement', got {self.save_freq!r}") \
+                raise ConfigError(f"--save_freq must be an integer or 'improvement', got {self.save_freq!r}") \
                     from None
 
 
@@ -139,7 +158,7 @@ def run_name(task: str, model_type: str, time_or_name: str = "time", exp_name: O
         suffix = f"{time.strftime('%y-%m-%d-%H-%M-%S')}_{random.SystemRandom().randint(0, 999999):06d}"
     else:
         if not time_or_name or os.sep in time_or_name:
-            raise ValueError(f"--time_or_name must be 'time' or a name without '{os.sep}', got {time_or_name!r}")
+            raise ConfigError(f"--time_or_name must be 'time' or a name without '{os.sep}', got {time_or_name!r}")
         suffix = time_or_name
     return f"{task}_{model_type}_{suffix}"
 
@@ -151,7 +170,7 @@ def build_model(model_type: str, task: TaskSpec, from_pretrained: Optional[str] 
     overrides = {"pooling": pooling} if pooling else {}
     num_labels = num_labels if num_labels is not None else task.num_labels
     if model_type not in ("transformer", "onehot"):
-        raise ValueError(f"unknown model {model_type!r}; models: ['onehot', 'transformer']")
+        raise ConfigError(f"unknown model {model_type!r}; models: ['onehot', 'transformer']")
     if from_pretrained:
         config = ProteinBertConfig.from_pretrained(from_pretrained)
         if config.model_type != model_type:
@@ -159,7 +178,7 @@ def build_model(model_type: str, task: TaskSpec, from_pretrained: Optional[str] 
                                  f"command asked for {model_type!r}")
     if task.head == "mlm":
         if model_type != "transformer":
-            raise ValueError("masked_language_modeling needs the transformer model (the one-hot model has no "
+            raise ConfigError("masked_language_modeling needs the transformer model (the one-hot model has no "
                              "language model)")
         if from_pretrained:
             return ProteinBertForMaskedLM.from_pretrained(from_pretrained, **overrides)
@@ -213,8 +232,12 @@ def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def check_lengths(dataset, model: ProteinModel, what: str) -> None:
-    """Fail before any step when a protein (plus <cls>/<sep>) is longer than the model's position table."""
+def check_lengths(dataset, model: ProteinModel, what: str, validate: bool = True, progress: bool = False) -> None:
+    """Fail before any step when a record cannot be used (``validate``: every record checked, see
+    :meth:`~tape_tasks.datasets.TAPEDataset.validate`) or a protein (plus <cls>/<sep>) is longer than the model's
+    position table."""
+    if validate and hasattr(dataset, "validate"):
+        dataset.validate(progress=progress)
     if model.config.model_type == "onehot":
         return
     limit = model.config.max_position_embeddings
@@ -222,7 +245,7 @@ def check_lengths(dataset, model: ProteinModel, what: str) -> None:
     if too_long:
         first = too_long[0]
         record = dataset.records[first]
-        raise ValueError(
+        raise DataFileError(
             f"{getattr(dataset.records, 'path', what)}: {len(too_long)} record(s) longer than the model's "
             f"max_position_embeddings {limit} (with <cls> and <sep>), first record {first} (id "
             f"{record.get('id')!r}, {dataset.length(first)} residues); use a model with longer positions or "
@@ -242,6 +265,7 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)
     valid_losses: list[float] = field(default_factory=list)
     best_valid_loss: float = math.inf
+    skipped_steps: list[int] = field(default_factory=list)  # optimizer steps skipped for a non-finite gradient
 
 
 def _broadcast_object(value, groups: scg.ParallelGroups):
@@ -277,20 +301,33 @@ def save_run(model: ProteinModel, save_dir: str, optimizer, scheduler, epoch: in
 def run_train(config: TrainConfig) -> TrainResult:
     """Finetune ``config.model_type`` on ``config.task``; see the module docstring."""
     # --no_cuda on a GPU machine keeps the tensors on CPU, so the group must be gloo there too.
-    groups = scg.init_process_group([("dp", None)], backend="gloo" if config.no_cuda else None)
+    groups = scg.init_process_group([("dp", None)], backend="gloo" if config.no_cuda else None,
+                                    timeout=datetime.timedelta(minutes=config.distributed_timeout_minutes))
     rank, world = groups.rank_in("dp"), groups.size("dp")
     is_main = groups.rank == 0
     device = _device(groups, config.no_cuda)
     if config.fp16 and device.type != "cuda":
-        raise ValueError("--fp16 needs a CUDA device (float16 autocast with loss scaling); use --bf16 on CPU")
+        raise ConfigError("--fp16 needs a CUDA device (float16 autocast with loss scaling); use --bf16 on CPU")
     task = get_task(config.task)
     name = _broadcast_object(run_name(config.task, config.model_type, config.time_or_name, config.exp_name)
                              if is_main else None, groups)
     micro_batch = config.batch_size // (world * config.gradient_accumulation_steps)
     if micro_batch < 1:
-        raise ValueError(f"--batch_size {config.batch_size} is smaller than world size {world} x "
+        raise ConfigError(f"--batch_size {config.batch_size} is smaller than world size {world} x "
                          f"gradient_accumulation_steps {config.gradient_accumulation_steps}")
+    save_dir = os.path.join(config.output_dir, name)
+    lock = OutputLock(config.force_save or save_dir, "--force_save" if config.force_save else "run directory")
+    on_all_ranks(lambda: lock.acquire() if is_main else None, groups, LockError, what="locking the output")
+    try:
+        return _train_holding_lock(config, groups, task, name, save_dir, micro_batch, device)
+    finally:
+        lock.release()
 
+
+def _train_holding_lock(config: TrainConfig, groups: scg.ParallelGroups, task: TaskSpec, name: str, save_dir: str,
+                        micro_batch: int, device: torch.device) -> TrainResult:
+    rank, world = groups.rank_in("dp"), groups.size("dp")
+    is_main = groups.rank == 0
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     num_labels = task.resolve_num_labels(config.data_dir)
     model = build_model(config.model_type, task, config.from_pretrained, config.model_config_file, num_labels,
@@ -306,9 +343,9 @@ def run_train(config: TrainConfig) -> TrainResult:
                              num_labels)
     valid_set = task.dataset(config.data_dir, task.valid_split, tokenizer, config.data_format, config.seed + 1,
                              num_labels) if config.eval_freq > 0 else None
-    check_lengths(train_set, model, "train")
+    check_lengths(train_set, model, "train", progress=is_main)
     if valid_set is not None:
-        check_lengths(valid_set, model, "valid")
+        check_lengths(valid_set, model, "valid", progress=is_main)
     train_loader = make_loader(train_set, micro_batch, config.shuffle, config.seed, rank, world,
                                config.num_workers, pad_to_equal=True)
     valid_loader = make_loader(valid_set, micro_batch, False, config.seed, rank, world,
@@ -320,12 +357,13 @@ def run_train(config: TrainConfig) -> TrainResult:
     start_epoch, step, best = 0, 0, math.inf
     if config.resume_from_checkpoint:
         if not config.from_pretrained:
-            raise ValueError("--resume_from_checkpoint needs --from_pretrained pointing at a run directory")
+            raise ConfigError("--resume_from_checkpoint needs --from_pretrained pointing at a run directory")
         path = os.path.join(config.from_pretrained, CHECKPOINT_NAME)
         if not os.path.exists(path):
             raise ModelFileError(f"--resume_from_checkpoint: {path} does not exist (is {config.from_pretrained} a "
                                  f"tape_train.py run directory?)")
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = load_torch_file(path, trust=config.trust_checkpoint, map_location=device,
+                                what="--resume_from_checkpoint state")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best_valid_loss"]
@@ -338,7 +376,6 @@ def run_train(config: TrainConfig) -> TrainResult:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, process_group=groups.group("dp"))
     torch.manual_seed(config.seed + 1000 + rank)  # dropout: different masks on different ranks
 
-    save_dir = os.path.join(config.output_dir, name)
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -353,6 +390,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     result = TrainResult(save_dir=save_dir if is_main else None, run_name=name, steps=step, epochs=0,
                          best_valid_loss=best)
     epochs_without_improvement = 0
+    consecutive_skips = 0
     stop = False
     for epoch in range(start_epoch, config.num_train_epochs):
         train_loader.batch_sampler.set_epoch(epoch)
@@ -378,9 +416,24 @@ def run_train(config: TrainConfig) -> TrainResult:
                 continue
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            # fp32/bf16: skip a step whose gradient is not finite (DDP averaged the gradients, so the norm and the
+            # decision are the same on every rank); fp16: GradScaler skips it and lowers its scale.
+            skip = not config.fp16 and not bool(torch.isfinite(grad_norm))
+            if skip:
+                result.skipped_steps.append(step + 1)
+                consecutive_skips += 1
+                logger.warning("step %d: non-finite loss or gradient (loss %s); the step was skipped", step + 1,
+                               f"{float(loss):.4g}")
+                if consecutive_skips >= config.max_consecutive_skipped_steps:
+                    raise NonFiniteLossError(
+                        f"step {step + 1}: {consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                        f"and were skipped (--max_consecutive_skipped_steps {config.max_consecutive_skipped_steps}); "
+                        f"stopping. Lower --learning_rate or check the data of {config.data_dir}")
+            else:
+                consecutive_skips = 0
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if writer is not None:
@@ -501,7 +554,7 @@ def run_eval(config: EvalConfig) -> dict[str, dict[str, float]]:
     task = get_task(config.task)
     groups = scg.init_process_group([("dp", None)])
     if groups.distributed:
-        raise ValueError("tape_eval.py runs in one process (as tape-eval); launch it with python, not torchrun")
+        raise ConfigError("tape_eval.py runs in one process (as tape-eval); launch it with python, not torchrun")
     device = _device(groups, config.no_cuda)
     num_labels = task.resolve_num_labels(config.data_dir)
     torch.manual_seed(config.seed)
@@ -511,21 +564,26 @@ def run_eval(config: EvalConfig) -> dict[str, dict[str, float]]:
     for split in config.split:
         dataset = task.dataset(config.data_dir, split, TAPETokenizer(), config.data_format, config.seed,
                                num_labels)
-        check_lengths(dataset, model, split)
+        check_lengths(dataset, model, split, progress=True)
         loader = make_loader(dataset, config.batch_size, False, config.seed, num_workers=config.num_workers)
         predictions, targets, lengths = predict(model, loader, device, config.bf16, desc=f"{split}")
         results[split] = tape_metrics.compute(names, predictions, targets, lengths, config.contact_ranges)
         results[split]["num_examples"] = len(predictions)
     path = config.results_file or os.path.join(config.from_pretrained, f"tape_eval_{config.task}.json")
-    previous = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f).get("splits", {})
-    document = {"task": config.task, "model_type": config.model_type, "model": os.path.abspath(config.from_pretrained),
-                "data_dir": os.path.abspath(config.data_dir), "splits": {**previous, **results}}
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(document, f, indent=2, sort_keys=True)
-    os.replace(f"{path}.tmp", path)
+    # Read, merge and write under the file's lock: evaluations of other splits may finish at the same time.
+    with OutputLock(path, "--results_file").acquire(wait_seconds=120):
+        previous = {}
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    previous = json.load(f).get("splits", {})
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise DataFileError(f"{path}: cannot merge the new results into it: not a tape_eval results file "
+                                    f"({exc})") from None
+        document = {"task": config.task, "model_type": config.model_type,
+                    "model": os.path.abspath(config.from_pretrained),
+                    "data_dir": os.path.abspath(config.data_dir), "splits": {**previous, **results}}
+        fs.write_text_durably(path, json.dumps(document, indent=2, sort_keys=True))
     print(f"{config.task} / {config.model_type} / {config.from_pretrained}")
     print(format_table(results))
     print(f"(written to {path})")
@@ -550,27 +608,34 @@ def read_fasta(path: str) -> list[tuple[str, str]]:
                     records.append((header, "".join(chunks)))
                 header, chunks = (line[1:].split() or [f"seq{len(records)}"])[0], []
             elif header is None:
-                raise ValueError(f"{path}: line {lineno}: sequence before the first '>' header; expected FASTA")
+                raise DataFileError(f"{path}: line {lineno}: sequence before the first '>' header; expected FASTA")
             else:
                 chunks.append(line)
     if header is not None:
         records.append((header, "".join(chunks)))
     if not records:
-        raise ValueError(f"{path}: no FASTA record found")
+        raise DataFileError(f"{path}: no FASTA record found")
     return records
 
 
 @torch.no_grad()
 def run_embed(config: EmbedConfig) -> str:
     """Write ``ids``, ``pooled`` [N, H] and (``full_sequence_embed``) ``residues`` [sum L, H] with ``offsets``
-    [N + 1] (protein i is rows offsets[i]:offsets[i+1]) to ``out_file`` (.npz, no pickled objects)."""
+    [N + 1] (protein i is rows offsets[i]:offsets[i+1]) to ``out_file`` (.npz, no pickled objects), holding the
+    output's lock."""
+    path = config.out_file if config.out_file.endswith(".npz") else config.out_file + ".npz"
+    with OutputLock(path, "out_file"):
+        return _embed(config, path)
+
+
+def _embed(config: EmbedConfig, path: str) -> str:
     groups = scg.init_process_group([("dp", None)])
     device = _device(groups, config.no_cuda)
     records = read_fasta(config.data_file)
     tokenizer = TAPETokenizer()
     encoded = [tokenizer.encode(seq, record=f"{config.data_file}: {name}") for name, seq in records]
     if config.model_type not in BACKBONES:
-        raise ValueError(f"unknown model {config.model_type!r}; models: {sorted(BACKBONES)}")
+        raise ConfigError(f"unknown model {config.model_type!r}; models: {sorted(BACKBONES)}")
     backbone_cls = BACKBONES[config.model_type]
     overrides = {"pooling": config.pooling} if config.pooling else {}
     if config.from_pretrained:
@@ -582,7 +647,7 @@ def run_embed(config: EmbedConfig) -> str:
     elif config.model_type == "onehot":
         model = backbone_cls(onehot_config(**overrides))
     else:
-        raise ValueError("tape_embed.py needs a pretrained model directory for the transformer")
+        raise ConfigError("tape_embed.py needs a pretrained model directory for the transformer")
     model.to(device).eval()
     order = np.argsort([len(e) for e in encoded], kind="stable")
     pooled = [None] * len(encoded)
@@ -599,9 +664,9 @@ def run_embed(config: EmbedConfig) -> str:
     if config.full_sequence_embed:
         out["residues"] = np.concatenate(residues)
         out["offsets"] = np.concatenate([[0], np.cumsum([r.shape[0] for r in residues])]).astype(np.int64)
-    path = config.out_file if config.out_file.endswith(".npz") else config.out_file + ".npz"
     tmp = path[:-4] + ".tmp.npz"
     np.savez(tmp, **out)
-    os.replace(tmp, path)
+    fs.fsync_file(tmp)
+    fs.replace_durably(tmp, path)
     logger.info("wrote %d embeddings to %s", len(records), path)
     return path

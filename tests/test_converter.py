@@ -24,6 +24,7 @@ from megatron_protein.conversion.output import parse_dtype
 from megatron_protein.conversion.reshard import reshard
 from megatron_protein.conversion.to_tape import ConversionError, convert
 from megatron_protein.conversion.vocabulary import PROTEINLM_VOCAB, TAPE_VOCAB
+from megatron_protein.utils.errors import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
@@ -223,20 +224,23 @@ def proteinlm_checkpoint(tmp_path, full):
     path = tmp_path / "proteinlm" / "model_optim_rng.pt"
     path.parent.mkdir()
     # Saved as torch 1.x did (legacy serialization), with an optimizer entry whose class is not importable here
-    # (as apex / megatron.fp16 objects in old checkpoints are not).
+    # (as Megatron-LM 1.x's megatron.fp16.loss_scaler objects in ProteinLM's checkpoints are not): the safe
+    # loader puts an inert stand-in in its place.
     import sys
     import types
-    fake = types.ModuleType("megatron_fp16_loss_scaler")
-    scaler_class = type("DynamicLossScaler", (), {"__module__": "megatron_fp16_loss_scaler"})
-    fake.DynamicLossScaler = scaler_class
-    sys.modules["megatron_fp16_loss_scaler"] = fake
+    names = ("megatron", "megatron.fp16", "megatron.fp16.loss_scaler")
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    scaler_class = type("DynamicLossScaler", (), {"__module__": "megatron.fp16.loss_scaler"})
+    sys.modules["megatron.fp16.loss_scaler"].DynamicLossScaler = scaler_class
     try:
         scaler = scaler_class()
         scaler.cur_scale = 1024.0
         torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 5000, "model": model,
                     "optimizer": {"loss_scaler": scaler}}, path, _use_new_zipfile_serialization=False)
     finally:
-        del sys.modules["megatron_fp16_loss_scaler"]
+        for name in names:
+            del sys.modules[name]
     return str(path)
 
 
@@ -392,8 +396,9 @@ def test_cli_prints_table_and_reports_errors(tmp_path, full32, capsys):
     assert "verified TAPE ProteinBertForMaskedLM" in run.stdout
     assert os.path.isfile(tmp_path / "tape" / "config.json")
     cli = _load_script("megatron-converter.py")
-    assert cli.main(["--src", save, "--out", str(tmp_path / "bad"), "--heads", "2"]) == 2
-    assert "--heads 2 contradicts" in capsys.readouterr().err
+    assert run_cli(cli.main, ["--src", save, "--out", str(tmp_path / "bad"), "--heads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--heads 2 contradicts" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "bad")
 
 
@@ -412,11 +417,11 @@ def test_verification_refuses_a_wrong_mapping(tmp_path, full32, monkeypatch):
 def test_reshard_cli(tmp_path, full32, capsys):
     save = save_megatron(str(tmp_path / "save"), shard_by_hand(full32, 2, 2), megatron_args(2, 2, 32))
     cli = _load_script("reshard.py")
-    assert cli.main(["--src", save, "--out", str(tmp_path / "tp1"), "--tp", "1"]) == 0
+    assert run_cli(cli.main, ["--src", save, "--out", str(tmp_path / "tp1"), "--tp", "1"]) == 0
     assert "mp_rank_00" in capsys.readouterr().out
     merged = mc.merge_partitions(mc.load_checkpoint(str(tmp_path / "tp1")))
     assert all(torch.equal(merged[k], full32[k]) for k in full32)
-    assert cli.main(["--src", save, "--out", str(tmp_path / "tp3"), "--tp", "3"]) == 2
+    assert run_cli(cli.main, ["--src", save, "--out", str(tmp_path / "tp3"), "--tp", "3"]) == 2
     assert "does not divide num_attention_heads" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "tp3")
 

@@ -17,7 +17,7 @@ TOK = IUPACTokenizer()
 
 def test_fasta_round_trip_and_summary(tmp_path):
     fasta = tmp_path / "in.fasta"
-    fasta.write_text(">a/1-5 a PF00001.1;F1;\nMKV\nLA\n>b/1-4 b PF00002.1;F2;\nAJ*c\n>c/1-3 c PF00001.1;F1;\n--.\n"
+    fasta.write_text(">a/1-5 a PF00001.1;F1;\nMKV\nLA\n>b/1-4 b PF00002.1;F2;\nAJ*c\n>c only gaps\n--.\n"
                      ">d/1-600 d PF00003.1;F3;\n" + "W" * 600 + "\n")
     prefix = str(tmp_path / "out" / "pf")
     summary = preprocess([str(fasta)], prefix, progress=False, max_length=500)

@@ -50,14 +50,14 @@ def test_fasta_errors(tmp_path):
 MULTI_BLOCK = """# STOCKHOLM 1.0
 #=GF ID   Toy
 #=GF AC   PF99999.3
-#=GS seqA/1-9 AC P00001.1
+#=GS seqA/1-7 AC P00001.1
 
-seqA/1-9   MK-VL
-seqB/3-10  mkAVL
+seqA/1-7   MK-VL
+seqB/3-11  mkAVL
 #=GC SS_cons ..HHH
 
-seqA/1-9   ..AGT.
-seqB/3-10  GGA--T
+seqA/1-7   ..AGT.
+seqB/3-11  GGA--T
 //
 # STOCKHOLM 1.0
 #=GF ID   Other
@@ -71,7 +71,7 @@ def test_stockholm_multi_block_and_many_alignments(tmp_path):
     path.write_text(MULTI_BLOCK)
     records = list(read_stockholm(str(path)))
     assert [(r.name, r.sequence, r.family) for r in records] == [
-        ("seqA/1-9", "MK-VL..AGT.", "PF99999"), ("seqB/3-10", "mkAVLGGA--T", "PF99999"), ("seqC", "WWW", "Other")]
+        ("seqA/1-7", "MK-VL..AGT.", "PF99999"), ("seqB/3-11", "mkAVLGGA--T", "PF99999"), ("seqC", "WWW", "Other")]
     assert records[1].location.endswith("toy.sto:7")
     gz = tmp_path / "toy.sto.gz"
     with gzip.open(gz, "wt") as f:

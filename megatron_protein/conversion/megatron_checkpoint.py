@@ -20,6 +20,13 @@ self_attention...``); older ones (Megatron-LM 2.x and ProteinLM: ``transformer``
 dictionaries, ``model_parallel_size``) are renamed on load, and the fused QKV rows of checkpoint versions 0 and 1
 are reordered into the per-head ``[num_heads, 3, head_dim]`` layout of version >= 2 (the reordering Megatron's own
 ``fix_query_key_value_ordering`` applies).
+
+Files are read without running code from them (:func:`megatron_protein.utils.safe_load.load_torch_file`: the
+weights-only unpickler with the allow-list of what Megatron-LM and ProteinLM checkpoints hold; inert stand-ins for
+``megatron.*``/``apex.*`` classes such as old fp16 loss scalers). ``trust=True`` (``--trust-checkpoint``) is the
+escape hatch for a file the user vouches for. Merging refuses, unless told otherwise, tensors that should be equal
+on every tensor-parallel rank but are not (beyond a tolerance), and any non-finite value: a bit-flipped or
+half-trained shard is reported, not converted.
 """
 from __future__ import annotations
 
@@ -27,13 +34,15 @@ import argparse
 import dataclasses
 import logging
 import os
-import pickle
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
+
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.safe_load import UnsafeFileError, load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +65,7 @@ _ROW_PARALLEL = re.compile(r"\.(self_attention\.dense|mlp\.dense_4h_to_h)\.weigh
 _VOCAB_PARALLEL = frozenset({WORD_EMBEDDINGS, HEAD_WORD_EMBEDDINGS, LM_HEAD_BIAS})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The checkpoint is missing, incomplete, unreadable or inconsistent; the message names the file."""
 
 
@@ -133,7 +142,10 @@ def read_tracker(save_dir: str) -> str:
         return os.path.join(save_dir, "release")
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: line 1: expected an iteration number or 'release', got {text!r}")
-    return os.path.join(save_dir, f"iter_{int(text):07d}")
+    directory = os.path.join(save_dir, f"iter_{int(text):07d}")
+    if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
+        return directory + ".old"  # a re-save of this iteration is swapping directories (see training/checkpointing)
+    return directory
 
 
 def find_checkpoint(src: str) -> CheckpointLocation:
@@ -180,44 +192,9 @@ def find_checkpoint(src: str) -> CheckpointLocation:
 # Loading one shard
 # ---------------------------------------------------------------------------------------------------------------
 
-class _MissingClass:
-    """Stands in for a class whose module is not importable here (e.g. ``megatron.*`` or apex objects pickled
-    into the optimizer state or args of an old checkpoint). The model tensors never depend on such classes."""
-
-    _qualname = "?"
-
-    def __init__(self, *args, **kwargs):
-        self._args = args
-
-    def __setstate__(self, state):
-        self._state = state
-
-    def __call__(self, *args, **kwargs):
-        return self
-
-    def __repr__(self):
-        return f"<unavailable {self._qualname}>"
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            logger.info("class %s.%s is not importable here; a placeholder stands in for it", module, name)
-            return type(name, (_MissingClass,), {"_qualname": f"{module}.{name}"})
-
-
-class _TolerantPickleModule:
-    """A ``pickle_module`` for :func:`torch.load` whose Unpickler tolerates classes that are not importable."""
-
-    Unpickler = _TolerantUnpickler
-    load = pickle.load
-    __name__ = "pickle"
-
-
-def load_shard_file(path: str) -> dict[str, Any]:
-    """``torch.load`` one partition file on CPU with errors that name the file and the likely cause.
+def load_shard_file(path: str, trust: bool = False) -> dict[str, Any]:
+    """Load one partition file on CPU without running code from it, with errors that name the file and the
+    likely cause (``trust``: the full unpickler, see the module docstring).
 
     Zip-format files (torch >= 1.6) are memory-mapped, so tensors that are never touched (the optimizer state,
     usually twice the model's size) are not read from disk; legacy files are read whole.
@@ -225,15 +202,11 @@ def load_shard_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing")
     size = os.path.getsize(path)
-    kwargs = dict(map_location="cpu", weights_only=False, pickle_module=_TolerantPickleModule)
     try:
-        try:
-            state = torch.load(path, mmap=True, **kwargs)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zipfile" not in str(exc):
-                raise
-            state = torch.load(path, **kwargs)  # legacy (non-zip) serialization cannot be memory-mapped
-    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError, KeyError) as exc:
+        state = load_torch_file(path, trust=trust, mmap=True)
+    except UnsafeFileError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, Exception) as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({size} bytes; the file may be "
                               f"truncated or still being written): {type(exc).__name__}: {exc}") from None
     if not isinstance(state, dict):
@@ -347,8 +320,8 @@ def _parallel_sizes(state: dict, path: str) -> tuple[int, int]:
     return int(tp or 1), int(pp or 1)
 
 
-def load_checkpoint(src: str, keep_optimizer: bool = False) -> MegatronCheckpoint:
-    """Find and load every partition of the checkpoint at ``src``.
+def load_checkpoint(src: str, keep_optimizer: bool = False, trust: bool = False) -> MegatronCheckpoint:
+    """Find and load every partition of the checkpoint at ``src`` (``trust``: see :func:`load_shard_file`).
 
     Raises :class:`CheckpointError` naming the missing ``mp_rank_*`` partitions when the args ask for more than
     are on disk, naming unexpected partitions when there are more, and naming the file that cannot be read.
@@ -363,7 +336,7 @@ def load_checkpoint(src: str, keep_optimizer: bool = False) -> MegatronCheckpoin
             raise CheckpointError(f"{location.iteration_dir}: no partition holds a {SHARD_FILENAMES[0]} file")
         first_key = min(present)
     first_path = location.shards[first_key]
-    first = load_shard_file(first_path)
+    first = load_shard_file(first_path, trust=trust)
     tp_size, pp_size = _parallel_sizes(first, first_path)
 
     if location.iteration_dir is None and tp_size * pp_size > 1:
@@ -401,7 +374,7 @@ def load_checkpoint(src: str, keep_optimizer: bool = False) -> MegatronCheckpoin
     started, done_bytes = time.monotonic(), 0
     total_bytes = sum(os.path.getsize(p) for p in paths.values())
     for number, (key, path) in enumerate(paths.items(), start=1):
-        state = first if key == first_key else load_shard_file(path)
+        state = first if key == first_key else load_shard_file(path, trust=trust)
         if "model" not in state:
             raise CheckpointError(f"{path}: no 'model' entry (keys: {sorted(state)[:8]})")
         if key != first_key and _parallel_sizes(state, path) != (tp_size, pp_size):
@@ -442,8 +415,23 @@ def _name_to_ranks(name: str) -> tuple[int, int]:
 # Merging partitions
 # ---------------------------------------------------------------------------------------------------------------
 
-def _merge_tensor_parallel(key: str, shards: list[torch.Tensor], where: str,
-                           replicated_tolerance: float) -> torch.Tensor:
+def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b|; NaN when either holds NaN where the other does not (a NaN never compares as small)."""
+    if not a.numel():
+        return 0.0
+    if a.is_floating_point() or b.is_floating_point():
+        a64, b64 = a.double(), b.double()
+        same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))
+        if bool(same.all()):
+            return 0.0
+        diff = (a64 - b64).abs()[~same]
+        return float("nan") if bool(torch.isnan(diff).any()) else float(diff.max())
+    return float((a.long() - b.long()).abs().max())
+
+
+def _merge_tensor_parallel(key: str, shards: list[torch.Tensor], where: str, replicated_tolerance: float,
+                           allow_replicated_mismatch: bool = False, paths: Optional[list[str]] = None
+                           ) -> torch.Tensor:
     dim = tensor_parallel_dim(key)
     if dim is not None:
         return torch.cat(shards, dim=dim)
@@ -452,25 +440,43 @@ def _merge_tensor_parallel(key: str, shards: list[torch.Tensor], where: str,
         if other.shape != reference.shape:
             raise CheckpointError(f"{where}: {key} is replicated across tensor-parallel ranks but has shape "
                                   f"{tuple(other.shape)} on tp rank {rank} and {tuple(reference.shape)} on rank 0")
-        diff = (other.float() - reference.float()).abs().max().item() if other.numel() else 0.0
-        if diff > replicated_tolerance:
-            logger.warning("%s: replicated tensor %s differs across tp ranks by up to %.3g; using tp rank 0's",
-                           where, key, diff)
+        diff = _max_difference(other, reference)
+        if not diff <= replicated_tolerance:  # also true for NaN
+            other_path = paths[rank] if paths else f"tp rank {rank}"
+            if not allow_replicated_mismatch:
+                raise CheckpointError(
+                    f"{other_path}: {key} must equal tp rank 0's copy in {where} (it is replicated across "
+                    f"tensor-parallel ranks) but differs by up to {diff:.3g} (tolerance {replicated_tolerance:g}); "
+                    f"one of the files is corrupt or from another run. Pass --allow-replicated-mismatch to take "
+                    f"tp rank 0's copy anyway")
+            logger.warning("%s: replicated tensor %s differs across tp ranks by up to %.3g; using tp rank 0's "
+                           "(--allow-replicated-mismatch)", where, key, diff)
     return reference
 
 
+def _check_finite(key: str, tensor: torch.Tensor, where: str, what: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{where}: {what} {key} holds {bad} non-finite value(s) (NaN or inf); a checkpoint "
+                              f"with non-finite weights cannot be converted")
+
+
 def merge_partitions(checkpoint: MegatronCheckpoint, replicated_tolerance: float = 1e-6,
-                     provenance: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
+                     provenance: Optional[dict[str, str]] = None,
+                     allow_replicated_mismatch: bool = False) -> dict[str, torch.Tensor]:
     """The full (tp = pp = 1) model state dict of ``checkpoint``: canonical names, global layer indices.
 
     TP: split tensors are concatenated along their partition dim in tp-rank order (:func:`tensor_parallel_dim`);
     replicated ones are taken from tp rank 0 after checking that the others agree. PP: stage ``s``'s local layer
     ``i`` becomes global layer ``i + (layers on stages < s)``; the last stage's ``word_embeddings_for_head`` copy
     of the tied word embedding is dropped after checking it equals the first stage's (it is what a single-process
-    model ties to).
+    model ties to). Every tensor must be finite, and copies that must agree (replicated across tp, the tied
+    embedding) must agree within ``replicated_tolerance``, unless ``allow_replicated_mismatch`` (then the first
+    copy is taken with a warning); :class:`CheckpointError` names the file and the tensor otherwise.
     """
     full = merge_partition_dicts(checkpoint.partitions, checkpoint.tp_size, checkpoint.pp_size, checkpoint.paths,
-                                 replicated_tolerance, provenance=provenance)
+                                 replicated_tolerance, provenance=provenance,
+                                 allow_replicated_mismatch=allow_replicated_mismatch)
     expected_layers = checkpoint.arg("num_layers")
     found_layers = len(iter_layer_keys(full))
     if expected_layers is not None and found_layers != expected_layers:
@@ -481,8 +487,8 @@ def merge_partitions(checkpoint: MegatronCheckpoint, replicated_tolerance: float
 
 def merge_partition_dicts(partitions: dict[tuple[int, int], dict[str, torch.Tensor]], tp_size: int, pp_size: int,
                           paths: dict[tuple[int, int], str], replicated_tolerance: float = 1e-6,
-                          what: str = "tensor", provenance: Optional[dict[str, str]] = None
-                          ) -> dict[str, torch.Tensor]:
+                          what: str = "tensor", provenance: Optional[dict[str, str]] = None,
+                          allow_replicated_mismatch: bool = False) -> dict[str, torch.Tensor]:
     """:func:`merge_partitions` on any per-partition dicts keyed like the model (the model itself, or one field of
     the optimizer state such as Adam's ``exp_avg``); the result is in :func:`canonical_order`. ``provenance``,
     if given, receives for each merged key where it came from (stage, local name, how the tp shards were joined)."""
@@ -502,8 +508,12 @@ def merge_partition_dicts(partitions: dict[tuple[int, int], dict[str, torch.Tens
             raise CheckpointError(f"{paths[(0, pp_rank)]}: local layer indices {sorted(local_layers)} "
                                   f"are not 0..{len(local_layers) - 1}")
         where = paths[(0, pp_rank)]
+        stage_paths = [paths[(t, pp_rank)] for t in range(tp_size)]
         for key in keys:
-            merged = _merge_tensor_parallel(key, [s[key] for s in shards], where, replicated_tolerance)
+            for t, shard in enumerate(shards):
+                _check_finite(key, shard[key], stage_paths[t], what)
+            merged = _merge_tensor_parallel(key, [s[key] for s in shards], where, replicated_tolerance,
+                                            allow_replicated_mismatch, stage_paths)
             located = layer_index(key)
             local_key = key
             if located is not None:
@@ -531,10 +541,17 @@ def merge_partition_dicts(partitions: dict[tuple[int, int], dict[str, torch.Tens
             if first.shape != head_embedding.shape:
                 raise CheckpointError(f"{paths[(0, pp_size - 1)]}: word_embeddings_for_head has shape "
                                       f"{tuple(head_embedding.shape)} but the word embedding {tuple(first.shape)}")
-            diff = (first.float() - head_embedding.float()).abs().max().item()
-            if diff > replicated_tolerance:
+            diff = _max_difference(first, head_embedding)
+            if not diff <= replicated_tolerance:
+                if not allow_replicated_mismatch:
+                    raise CheckpointError(
+                        f"{paths[(0, pp_size - 1)]}: {HEAD_WORD_EMBEDDINGS} ({what}) must equal the first stage's "
+                        f"word embedding in {paths[(0, 0)]} (they are tied) but differs by up to {diff:.3g} "
+                        f"(tolerance {replicated_tolerance:g}); pass --allow-replicated-mismatch to take the first "
+                        f"stage's anyway")
                 logger.warning("the last stage's copy of the tied word embedding (%s) differs from the first "
-                               "stage's by up to %.3g; using the first stage's", what, diff)
+                               "stage's by up to %.3g; using the first stage's (--allow-replicated-mismatch)",
+                               what, diff)
     return {key: full[key] for key in canonical_order(full)}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, TextIO
 
 import torch
+
+from megatron_protein.utils import fs
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -34,24 +37,38 @@ def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
     return _DTYPES[name]
 
 
+def _fsync_tree(root: str) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fs.fsync_file(os.path.join(directory, name))
+        fs.fsync_dir(directory)
+
+
 @contextlib.contextmanager
-def staged_directory(out: str, overwrite_files: bool = True) -> Iterator[str]:
+def staged_directory(out: str, overwrite_files: bool = True, remove_stale: bool = True) -> Iterator[str]:
     """Write into a temporary sibling of ``out`` and publish it only when the block finishes without error.
 
     If ``out`` does not exist the temporary directory is renamed to it (one atomic rename). If it exists (e.g.
     made by ``mkdir -p``), each new file is moved into it with :func:`os.replace`. On any error the temporary
-    directory is removed, so a failed conversion leaves neither a partial ``out`` nor a stray temporary.
+    directory is removed, so a failed conversion leaves neither a partial ``out`` nor a stray temporary. Every file
+    is fsynced before it is published and every directory after, so a power cut cannot publish half a file.
+    ``remove_stale`` removes the staging directories of earlier conversions into ``out`` that were killed (call it
+    while holding ``out``'s lock, as the converters do).
     """
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out}: exists and is not a directory")
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    prefix = f".{os.path.basename(out)}.tmp-"
+    if remove_stale:
+        fs.remove_stale_temp_files(parent, [re.escape(prefix) + fs.MKSTEMP_RANDOM])
+    staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield staging
+        _fsync_tree(staging)
         if not os.path.exists(out):
-            os.replace(staging, out)
+            fs.replace_durably(staging, out)
             return
         for root, _, files in os.walk(staging):
             rel = os.path.relpath(root, staging)
@@ -62,6 +79,7 @@ def staged_directory(out: str, overwrite_files: bool = True) -> Iterator[str]:
                 if os.path.exists(target) and not overwrite_files:
                     raise FileExistsError(f"{target}: exists")
                 os.replace(os.path.join(root, name), target)
+            fs.fsync_dir(target_dir)
         shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -40,6 +40,8 @@ import torch
 from megatron_protein.conversion import megatron_checkpoint as mc
 from megatron_protein.conversion.output import staged_directory
 from megatron_protein.conversion.vocabulary import resolve_source_vocab
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 CARRIED_ENTRIES = ("lr_scheduler", "opt_param_scheduler", "consumed_samples", "data_position", "scheduler")
 
 
-class ReshardError(ValueError):
+class ReshardError(UserError, ValueError):
     """The model cannot be split into the requested degrees; nothing was written."""
 
 
@@ -140,7 +142,8 @@ def optimizer_index_keys(model: dict[str, torch.Tensor], optimizer_state: dict) 
 
 
 def reshard_optimizer(checkpoint: mc.MegatronCheckpoint, new_models: dict[tuple[int, int], dict[str, torch.Tensor]],
-                      tp: int, pp: int, new_padded: int) -> Optional[dict[tuple[int, int], dict]]:
+                      tp: int, pp: int, new_padded: int,
+                      allow_mismatch: bool = False) -> Optional[dict[tuple[int, int], dict]]:
     """The optimizer state of every new partition, or None (with a warning) when it cannot be carried."""
     wrapped = [checkpoint.extras[key].get("optimizer") for key in sorted(checkpoint.partitions)]
     if any(w is None for w in wrapped):
@@ -168,7 +171,7 @@ def reshard_optimizer(checkpoint: mc.MegatronCheckpoint, new_models: dict[tuple[
             per_partition[key] = {mappings[key][index]: entry[name] for index, entry in state["state"].items()
                                   if name in entry}
         full = mc.merge_partition_dicts(per_partition, checkpoint.tp_size, checkpoint.pp_size, checkpoint.paths,
-                                        what=f"optimizer {name}")
+                                        what=f"optimizer {name}", allow_replicated_mismatch=allow_mismatch)
         full = repad_vocab(full, new_padded) if mc.WORD_EMBEDDINGS in full else full
         split_fields[name] = split_full_state(full, tp, pp)
     group_settings = [{k: v for k, v in g.items() if k != "params"} for g in first["param_groups"]]
@@ -204,21 +207,28 @@ def _check_divisible(args: Optional[argparse.Namespace], full: dict[str, torch.T
 
 
 def reshard(src: str, out: str, tp: int, pp: int, vocab_size: Optional[int] = None,
-            vocab: str = "auto") -> dict[tuple[int, int], str]:
+            vocab: str = "auto", trust: bool = False,
+            allow_replicated_mismatch: bool = False) -> dict[tuple[int, int], str]:
     """Rewrite the checkpoint ``src`` as a Megatron save directory ``out`` with degrees ``tp`` x ``pp``.
 
     Returns the written partition paths. ``vocab_size`` (the unpadded vocabulary) defaults to the args'
     ``vocab_size`` or the size of the detected vocabulary (``vocab``: see
-    :func:`vocabulary.resolve_source_vocab`).
+    :func:`vocabulary.resolve_source_vocab`). Holds ``OUT.lock`` throughout; ``trust`` and
+    ``allow_replicated_mismatch``: see :mod:`.megatron_checkpoint`.
     """
     if tp < 1 or pp < 1:
         raise ReshardError(f"degrees must be positive, got tp={tp}, pp={pp}")
-    checkpoint = mc.load_checkpoint(src, keep_optimizer=True)
+    with OutputLock(out, "--out"):
+        return _reshard(src, out, tp, pp, vocab_size, vocab, trust, allow_replicated_mismatch)
+
+
+def _reshard(src, out, tp, pp, vocab_size, vocab, trust, allow_replicated_mismatch) -> dict[tuple[int, int], str]:
+    checkpoint = mc.load_checkpoint(src, keep_optimizer=True, trust=trust)
     source_root = os.path.realpath(checkpoint.source)
     out_root = os.path.realpath(out)
     if source_root == out_root or source_root.startswith(out_root + os.sep):
         raise ReshardError(f"--out {out} holds the source checkpoint {checkpoint.source}; write to a new directory")
-    full = mc.merge_partitions(checkpoint)
+    full = mc.merge_partitions(checkpoint, allow_replicated_mismatch=allow_replicated_mismatch)
     args = copy.deepcopy(checkpoint.args) if checkpoint.args is not None else argparse.Namespace()
     _check_divisible(args, full, tp)
     old_padded = full[mc.WORD_EMBEDDINGS].shape[0]
@@ -235,7 +245,7 @@ def reshard(src: str, out: str, tp: int, pp: int, vocab_size: Optional[int] = No
         logger.info("vocabulary padding %d -> %d rows for tp=%d", old_padded, new_padded, tp)
         full = repad_vocab(full, new_padded)
     partitions = split_full_state(full, tp, pp)
-    optimizers = reshard_optimizer(checkpoint, partitions, tp, pp, new_padded)
+    optimizers = reshard_optimizer(checkpoint, partitions, tp, pp, new_padded, allow_replicated_mismatch)
 
     args.tensor_model_parallel_size = tp
     args.pipeline_model_parallel_size = pp

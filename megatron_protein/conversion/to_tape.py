@@ -34,6 +34,9 @@ import torch
 from megatron_protein.conversion import megatron_checkpoint as mc
 from megatron_protein.conversion.output import TableRow, parse_dtype, print_table, staged_directory
 from megatron_protein.conversion.vocabulary import dropped_rows, resolve_source_vocab, tape_rows
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.locks import OutputLock
+from megatron_protein.utils.safe_load import UnsafeFileError, load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ _HEAD_MAP = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The conversion cannot be done as asked; nothing was written."""
 
 
@@ -84,11 +87,13 @@ class MergedBert:
 
 
 def load_merged_bert(src: str, hidden: Optional[int] = None, heads: Optional[int] = None,
-                     layers: Optional[int] = None) -> MergedBert:
-    """Load every partition of ``src``, merge TP and PP, and check ``hidden``/``heads``/``layers`` against it."""
-    checkpoint = mc.load_checkpoint(src)
+                     layers: Optional[int] = None, trust: bool = False,
+                     allow_replicated_mismatch: bool = False) -> MergedBert:
+    """Load every partition of ``src``, merge TP and PP, and check ``hidden``/``heads``/``layers`` against it
+    (``trust``, ``allow_replicated_mismatch``: see :mod:`.megatron_checkpoint`)."""
+    checkpoint = mc.load_checkpoint(src, trust=trust)
     provenance: dict[str, str] = {}
-    full = mc.merge_partitions(checkpoint, provenance=provenance)
+    full = mc.merge_partitions(checkpoint, provenance=provenance, allow_replicated_mismatch=allow_replicated_mismatch)
     shape = mc.infer_shape(full, checkpoint.args, checkpoint.source, hidden=hidden, heads=heads, layers=layers)
     return MergedBert(full=full, shape=shape, args=checkpoint.args, source=checkpoint.source,
                       iteration=checkpoint.iteration, tp_size=checkpoint.tp_size, pp_size=checkpoint.pp_size,
@@ -195,7 +200,9 @@ def _load_dst(dst: str) -> tuple[Optional[dict], dict[str, torch.Tensor], str]:
     if not os.path.isfile(weights):
         raise ConversionError(f"--dst {dst}: no {weights} (expected a TAPE model directory or its {WEIGHTS_NAME})")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_torch_file(weights, what="--dst model")
+    except UnsafeFileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure to read is reported with the file name
         raise ConversionError(f"--dst {weights}: cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
@@ -266,24 +273,34 @@ def write_tape_directory(conversion: TapeConversion, directory: str, dtype: Opti
 def convert(src: str, out: str, dst: Optional[str] = None, dtype: Optional[str] = None,
             hidden: Optional[int] = None, heads: Optional[int] = None, layers: Optional[int] = None,
             vocab: str = "auto", formats: Sequence[str] = ("tape",), table_file: Optional[TextIO] = sys.stdout,
-            verify: bool = True) -> TapeConversion:
+            verify: bool = True, trust: bool = False, allow_replicated_mismatch: bool = False) -> TapeConversion:
     """The whole conversion behind ``converter/megatron-converter.py``; returns what was written.
 
     All inputs are checked (dtype, checkpoint, sizes, vocabulary, ``dst``) before anything is written, and the
     output directory appears only complete (:func:`staged_directory`). ``formats`` may add ``hf-esm``: a Hugging
     Face ``EsmForMaskedLM`` directory written to ``OUT/hf-esm``. With ``verify`` (the default), the written
     models are loaded back and must reproduce our Megatron model's outputs on the merged weights
-    (:mod:`.verify`) before the directory is published.
+    (:mod:`.verify`) before the directory is published. The conversion holds ``OUT.lock`` throughout, so a second
+    conversion into the same ``out`` fails at once. ``trust`` and ``allow_replicated_mismatch``: see
+    :mod:`.megatron_checkpoint`.
     """
     target_dtype = parse_dtype(dtype)
     unknown = [f for f in formats if f not in ("tape", "hf-esm")]
     if unknown:
         raise ConversionError(f"unknown --format {unknown}; expected 'tape' and/or 'hf-esm'")
+    with OutputLock(out, "--out"):
+        return _convert(src, out, dst, target_dtype, hidden, heads, layers, vocab, formats, table_file, verify, trust,
+                        allow_replicated_mismatch)
+
+
+def _convert(src, out, dst, target_dtype, hidden, heads, layers, vocab, formats, table_file, verify, trust,
+             allow_replicated_mismatch) -> TapeConversion:
     stale = os.path.join(out, HF_ESM_SUBDIR)
     if "hf-esm" not in formats and os.path.exists(stale):
         raise ConversionError(f"{stale} exists from an earlier conversion and would no longer match {out}; remove "
                               f"it or add --format hf-esm to rewrite it")
-    merged = load_merged_bert(src, hidden=hidden, heads=heads, layers=layers)
+    merged = load_merged_bert(src, hidden=hidden, heads=heads, layers=layers, trust=trust,
+                              allow_replicated_mismatch=allow_replicated_mismatch)
     conversion = megatron_to_tape(merged, vocab=vocab)
     if dst is not None:
         apply_dst(conversion, dst)

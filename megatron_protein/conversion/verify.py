@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_protein.conversion import megatron_checkpoint as mc
+from megatron_protein.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ATOL = 1e-4
 
 
-class VerificationError(ValueError):
+class VerificationError(UserError, ValueError):
     """The converted model does not reproduce the Megatron model's outputs; nothing was written."""
 
 

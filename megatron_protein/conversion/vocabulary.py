@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_protein.data.tokenizer import IUPAC_VOCAB
+from megatron_protein.utils.errors import UserError
 
 TAPE_VOCAB: tuple[str, ...] = tuple(IUPAC_VOCAB)
 PROTEINLM_VOCAB: tuple[str, ...] = ("[PAD]", "[MASK]", "[CLS]", "[SEP]", "[UNK]", "[unused1]") + tuple(
@@ -29,7 +30,7 @@ _SPECIAL_ALIASES = {"[PAD]": "<pad>", "[MASK]": "<mask>", "[CLS]": "<cls>", "[SE
 KNOWN_VOCABS = {"tape": TAPE_VOCAB, "proteinlm": PROTEINLM_VOCAB}
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError, ValueError):
     """The source vocabulary cannot be mapped onto TAPE's."""
 
 

@@ -21,10 +21,25 @@ of records or on ``--workers``, and are reproducible by ``--seed``:
   holdout): the split of ``blake2b(family, key=seed)``. The fractions are fractions of families.
 * ``--split-random TRAIN,VALID,TEST``: each record by ``blake2b(name + sequence, key=seed)`` (identical records
   land in the same split, so exact duplicates cannot leak between splits).
+* ``--holdout-sequences VALID,TEST`` (with ``--split-by-family``): of the records of the *training* families, these
+  fractions go to ``PREFIX_valid_infamily`` and ``PREFIX_test_infamily``, drawn per record by
+  ``blake2b(sequence, key=seed + 1)``: the second held-out set, sequences of families the model trains on (what
+  TAPE's and ProteinLM's Pfam validation sets measure), beside the held-out families. Keyed on the sequence alone,
+  so copies of one sequence under different names never straddle training and held-out. Every training family
+  keeps these fractions in expectation; a family of n sequences holds none out with probability
+  (1 - VALID - TEST)^n.
 
-Outputs ``PREFIX_{train,valid,test}.{bin,idx}`` when splitting (``PREFIX.{bin,idx}`` otherwise) and
+Outputs ``PREFIX_{train,valid,test}.{bin,idx}`` when splitting (and ``PREFIX_{valid,test}_infamily`` with
+``--holdout-sequences``) (``PREFIX.{bin,idx}`` otherwise) and
 ``PREFIX_summary.json``: sequences, residues, unknown residues, dropped records with the reason, length histogram.
-Every file is written under a temporary name and renamed when complete; an error leaves nothing behind.
+Every file is written under a temporary name and renamed when complete; an error leaves nothing behind, and so do
+SIGTERM, SIGHUP and SIGINT (the temporary files are removed before the process exits).
+
+A run holds ``PREFIX.lock`` (:class:`~megatron_protein.utils.locks.OutputLock`): a second run on the same prefix
+fails at once, naming the first; temporary files left under the prefix by a run that was killed with SIGKILL are
+removed when the next run starts. Inputs are checked before any work (every file exists, is not empty, has a
+known format) and the outputs after: an input without records, or a split that would be empty although its
+fraction is not 0, is an error naming the file.
 """
 from __future__ import annotations
 
@@ -36,6 +51,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import sys
 import tempfile
 import time
@@ -48,24 +64,43 @@ from .indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_dtype, make
 from .readers import FORMATS, ByteRange, SequenceRecord, detect_format, is_gzip, partition_file, read_records
 from .readers import read_fasta, read_stockholm
 from .tokenizer import build_tokenizer
+from megatron_protein.utils import errors, fs
+from megatron_protein.utils.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
+INFAMILY_SPLIT_NAMES = ("valid_infamily", "test_infamily")
 # Length histogram bin edges (residues): [1,32), [32,64), ... , [4096, inf)
 HISTOGRAM_EDGES = (1, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 PARTITIONS_PER_WORKER = 4  # more ranges than workers, so a slow range does not idle the others
 PARTITION_BYTES = 32 << 20  # and ranges of at most ~32 MiB, so a part's encoded result stays small
 
 
+class PreprocessError(errors.UserError, ValueError):
+    """The inputs produce no usable output (no records, or an empty split); nothing was written."""
+
+
 def parse_fractions(text: str, flag: str) -> tuple[float, float, float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} expects three numbers like 0.9,0.05,0.05, got {text!r}") from None
+        raise errors.ConfigError(f"{flag} expects three numbers like 0.9,0.05,0.05, got {text!r}") from None
     if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"{flag} expects three non-negative numbers TRAIN,VALID,TEST, got {text!r}")
+        raise errors.ConfigError(f"{flag} expects three non-negative numbers TRAIN,VALID,TEST, got {text!r}")
     total = sum(values)
     return tuple(v / total for v in values)  # type: ignore[return-value]
+
+
+def parse_holdout(text: str) -> tuple[float, float]:
+    """``--holdout-sequences VALID,TEST``: two fractions (of each training family's records), not renormalised."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise errors.ConfigError(f"--holdout-sequences expects two numbers like 0.05,0.05, got {text!r}") from None
+    if len(values) != 2 or min(values) < 0 or sum(values) >= 1:
+        raise errors.ConfigError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, got "
+                                 f"{text!r}")
+    return values  # type: ignore[return-value]
 
 
 def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> int:
@@ -80,6 +115,7 @@ def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> int:
 class Options:
     split_by_family: tuple[float, float, float] | None = None
     split_random: tuple[float, float, float] | None = None
+    holdout_sequences: tuple[float, float] | None = None  # (valid, test) fractions of training-family records
     seed: int = 1234
     tokenizer_type: str = "iupac"
     tokenizer_model: str | None = None
@@ -168,6 +204,12 @@ class _Converter:
         elif o.split_random:
             for j in np.flatnonzero(keep):
                 split[j] = split_of(batch[j].name + "\0" + batch[j].sequence, o.seed, o.split_random)
+        if o.holdout_sequences:
+            valid, test = o.holdout_sequences
+            for j in np.flatnonzero(keep & (split == 0)):
+                held = split_of(batch[j].sequence, o.seed + 1, (1.0 - valid - test, valid, test))
+                if held:
+                    split[j] = len(SPLIT_NAMES) - 1 + held  # 3 = valid_infamily, 4 = test_infamily
         split[~keep] = -1
         return split
 
@@ -197,7 +239,10 @@ class _Converter:
 
 
 def _output_names(prefix: str, options: Options) -> list[str]:
-    return [f"{prefix}_{s}" for s in SPLIT_NAMES] if options.splitting else [prefix]
+    if not options.splitting:
+        return [prefix]
+    names = SPLIT_NAMES + (INFAMILY_SPLIT_NAMES if options.holdout_sequences else ())
+    return [f"{prefix}_{s}" for s in names]
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -241,18 +286,93 @@ def _convert_partition(path: str, input_format: str, part: ByteRange, options: O
 
 
 # ------------------------------------------------------------------------------------------------ main side
+def stale_temp_patterns(output_prefix: str) -> list[str]:
+    """Regular expressions of the temporary file names any run on ``output_prefix`` creates (builders and summary),
+    whatever its split options."""
+    names = [output_prefix] + [f"{output_prefix}_{s}" for s in SPLIT_NAMES + INFAMILY_SPLIT_NAMES]
+    patterns = [rf"\.{re.escape(os.path.basename(n))}\.{fs.MKSTEMP_RANDOM}\.(bin|sizes|docs|idx)\.tmp"
+                for n in names]
+    patterns.append(rf"{re.escape(os.path.basename(output_prefix))}_summary\.json\.{fs.MKSTEMP_RANDOM}\.tmp")
+    return patterns
+
+
+def check_inputs(inputs: list[str], input_format: str | None) -> list[str]:
+    """Every input exists, is not empty and has a known format (before any work); returns the formats."""
+    formats = []
+    for path in inputs:
+        if not os.path.exists(path):
+            raise FileNotFoundError(2, "no such file or directory (expected a FASTA, Stockholm, TAPE LMDB or "
+                                       "TAPE JSON input)", path)
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise PreprocessError(f"{path}: empty file; expected {input_format or 'FASTA, Stockholm or JSON'} "
+                                  f"records")
+        formats.append(input_format or detect_format(path))
+    return formats
+
+
 def preprocess(inputs: list[str], output_prefix: str, input_format: str | None = None,
                split_by_family: tuple[float, float, float] | None = None,
-               split_random: tuple[float, float, float] | None = None, seed: int = 1234, workers: int = 1,
+               split_random: tuple[float, float, float] | None = None,
+               holdout_sequences: tuple[float, float] | None = None, seed: int = 1234, workers: int = 1,
                tokenizer_type: str = "iupac", tokenizer_model: str | None = None, min_length: int = 1,
                max_length: int | None = None, batch_size: int = 2048, progress: bool = True) -> dict:
-    """Run the conversion; returns the summary dict (also written to ``PREFIX_summary.json``)."""
+    """Run the conversion; returns the summary dict (also written to ``PREFIX_summary.json``).
+
+    Holds the prefix's lock, removes what a killed run left, checks the inputs, and removes its own temporary
+    files on an error or on SIGTERM/SIGHUP/SIGINT (see the module docstring)."""
     if split_by_family and split_random:
-        raise ValueError("choose one of --split-by-family and --split-random")
+        raise errors.ConfigError("choose one of --split-by-family and --split-random")
+    if holdout_sequences is not None:
+        if not split_by_family:
+            raise errors.ConfigError("--holdout-sequences holds out sequences of the training families: it needs "
+                                     "--split-by-family")
+        holdout_sequences = tuple(float(v) for v in holdout_sequences)
+        if len(holdout_sequences) != 2 or min(holdout_sequences) < 0 or sum(holdout_sequences) >= 1:
+            raise errors.ConfigError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, "
+                                     f"got {holdout_sequences}")
+        if sum(holdout_sequences) == 0:
+            holdout_sequences = None
     if isinstance(inputs, str):
         inputs = [inputs]
-    options = Options(split_by_family, split_random, seed, tokenizer_type, tokenizer_model, min_length, max_length,
-                      batch_size)
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    with OutputLock(output_prefix, "--output-prefix"), errors.terminate_on_signals():
+        fs.remove_stale_temp_files(out_dir, stale_temp_patterns(output_prefix))
+        formats = check_inputs(inputs, input_format)
+        return _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences, seed,
+                           workers, tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress)
+
+
+def _check_outputs(inputs: list[str], per_input: dict, names: list[str], progress: "Progress",
+                   fractions: tuple[float, ...] | None, by_family: bool) -> None:
+    for path in inputs:
+        if per_input.get(path, 0) == 0:
+            raise PreprocessError(f"{path}: no records found; expected at least one sequence record")
+    dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(progress.dropped.items())) or "none"
+    split_names = SPLIT_NAMES + INFAMILY_SPLIT_NAMES
+    for k, (name, stats) in enumerate(zip(names, progress.stats)):
+        if stats.sequences:
+            continue
+        if fractions is not None and fractions[k] == 0:
+            continue  # asked to be empty
+        if fractions is None or sum(s.sequences for s in progress.stats) == 0:
+            raise PreprocessError(f"{', '.join(inputs)}: no sequence was kept for {name}: {progress.records_read} "
+                                  f"record(s) read, dropped: {dropped}")
+        if k >= len(SPLIT_NAMES):  # in-family held-out sequences: a fraction of each training family's records
+            unit, total = "training-family records", progress.stats[0].sequences
+        elif by_family:
+            unit, total = "families", len(set().union(*(s.families for s in progress.stats)))
+        else:
+            unit, total = "records", sum(s.sequences for s in progress.stats)
+        raise PreprocessError(
+            f"{', '.join(inputs)}: the {split_names[k]} split ({name}) would be empty although it gets "
+            f"{fractions[k]:.3g} of the {unit}: the input has only {total} {unit}; use a larger input, another "
+            f"--seed, or give that split the fraction 0")
+
+
+def _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences, seed, workers,
+                tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress) -> dict:
+    options = Options(split_by_family, split_random, holdout_sequences, seed, tokenizer_type, tokenizer_model,
+                      min_length, max_length, batch_size)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     dtype = best_fitting_dtype(tokenizer.vocab_size)
     names = _output_names(output_prefix, options)
@@ -275,11 +395,15 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
     pool = None
     pending_parts: collections.deque = collections.deque()  # worker tasks, in input order
 
+    per_input: dict[str, int] = collections.Counter()
+
     def merge_next_part() -> None:
-        part_progress, outputs = pending_parts.popleft().result()
+        part_path, future = pending_parts.popleft()
+        part_progress, outputs = future.result()
         for builder, (tokens, lengths) in zip(builders, outputs):
             builder.add_documents(tokens, lengths)
         converter.progress.merge(part_progress)
+        per_input[part_path] += part_progress.records_read
         report(part_progress.records_read)
 
     try:
@@ -290,13 +414,12 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
             pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                                           initializer=_init_worker,
                                                           initargs=(tokenizer_type, tokenizer_model))
-        for path in inputs:
-            fmt = input_format or detect_format(path)
+        for path, fmt in zip(inputs, formats):
             if pool is not None and fmt in ("fasta", "stockholm") and not is_gzip(path):
                 parts = max(workers * PARTITIONS_PER_WORKER, -(-os.path.getsize(path) // PARTITION_BYTES))
                 for part in partition_file(path, fmt, parts):
-                    pending_parts.append(pool.submit(_convert_partition,
-                                                     path, fmt, part, options, np.dtype(dtype).name))
+                    pending_parts.append((path, pool.submit(_convert_partition,
+                                                            path, fmt, part, options, np.dtype(dtype).name)))
                     # Written in input order; at most 2 x workers parts are in flight or waiting in memory.
                     while len(pending_parts) >= 2 * workers:
                         merge_next_part()
@@ -307,6 +430,7 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
             if pool is None:
                 for batch in batches:
                     converter.add(batch, *tokenizer.encode_batch([r.sequence for r in batch]))
+                    per_input[path] += len(batch)
                     report(len(batch))
             else:  # cannot cut this input: read here, encode in the pool, bounded look-ahead
                 pending: collections.deque = collections.deque()
@@ -315,20 +439,27 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
                     while len(pending) >= 2 * workers or (pending and pending[0][1].done()):
                         done, result = pending.popleft()
                         converter.add(done, *result.result())
+                        per_input[path] += len(done)
                         report(len(done))
                 while pending:
                     done, result = pending.popleft()
                     converter.add(done, *result.result())
+                    per_input[path] += len(done)
                     report(len(done))
         while pending_parts:
             merge_next_part()
+        fractions = split_by_family or split_random
+        if fractions is not None and holdout_sequences:
+            fractions = tuple(fractions) + tuple(holdout_sequences)
+        _check_outputs(inputs, per_input, names, converter.progress, fractions, bool(split_by_family))
         elapsed = time.perf_counter() - start
         p = converter.progress
         total_residues = sum(s.residues for s in p.stats)
         summary = {
             "inputs": list(inputs), "output_prefix": output_prefix, "seed": seed,
             "split": ("by-family" if split_by_family else "random" if split_random else None),
-            "fractions": list(split_by_family or split_random or []) or None, "tokenizer": tokenizer_type,
+            "fractions": list(split_by_family or split_random or []) or None,
+            "holdout_sequences": list(holdout_sequences) if holdout_sequences else None, "tokenizer": tokenizer_type,
             "dtype": np.dtype(dtype).name, "workers": workers, "records_read": p.records_read,
             "dropped": dict(sorted(p.dropped.items())), "seconds": round(elapsed, 3),
             "residues_per_second": round(total_residues / max(elapsed, 1e-9)),
@@ -347,10 +478,17 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
             bar.close()
     summary_path = f"{output_prefix}_summary.json"
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(summary_path) + ".", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=2)
-    make_world_readable(tmp)
-    os.replace(tmp, summary_path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        make_world_readable(tmp)
+        fs.replace_durably(tmp, summary_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return summary
 
 
@@ -377,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hold out whole families, e.g. 0.9,0.05,0.05 (fractions of families)")
     split.add_argument("--split-random", default=None, metavar="TRAIN,VALID,TEST",
                        help="split records at random, e.g. 0.98,0.01,0.01")
+    p.add_argument("--holdout-sequences", default=None, metavar="VALID,TEST",
+                   help="with --split-by-family: also hold out these fractions of the training families' sequences "
+                        "as PREFIX_valid_infamily / PREFIX_test_infamily, e.g. 0.05,0.05")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (uncompressed FASTA/Stockholm: each parses a part of the file)")
@@ -415,12 +556,13 @@ def log_summary_to_tensorboard(summary: dict, log_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = errors.one_line_parse_errors(build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     summary = preprocess(
         args.input, args.output_prefix, args.input_format,
         split_by_family=parse_fractions(args.split_by_family, "--split-by-family") if args.split_by_family else None,
         split_random=parse_fractions(args.split_random, "--split-random") if args.split_random else None,
+        holdout_sequences=parse_holdout(args.holdout_sequences) if args.holdout_sequences else None,
         seed=args.seed, workers=args.workers, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, min_length=args.min_length, max_length=args.max_length,
         batch_size=args.batch_size, progress=not args.no_progress)
@@ -433,4 +575,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_cli(main))

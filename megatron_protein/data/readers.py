@@ -8,6 +8,10 @@ Gzip input is recognised by its magic bytes, whatever the file name.
 Pfam-A.fasta headers look like ``>A0A0A0MRZ7_9ARAB/67-118 A0A0A0MRZ7.1 PF00001.21;7tm_1;``: the domain's
 protein and envelope, the protein accession, then the family accession and name; :func:`parse_pfam_header`
 extracts them, and the family (accession without version) is what ``preprocess --split-by-family`` holds out.
+The envelope says how many residues the record holds (``END - START + 1``): a Pfam record (FASTA with such a
+header, or a Stockholm alignment with a ``#=GF AC PF...`` accession and ``NAME/START-END`` names) whose residues
+(gaps ``-``/``.`` not counted) disagree is an error, so a file cut in the middle of a record is not read as a
+shorter protein.
 """
 from __future__ import annotations
 
@@ -15,15 +19,17 @@ import gzip
 import io
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.safe_load import load_record
+
 FORMATS = ("fasta", "stockholm", "tape-lmdb", "tape-json")
 
 
-class InputFormatError(ValueError):
+class InputFormatError(UserError, ValueError):
     """Malformed input; the message starts with ``path:line:`` (or ``path: record N:``)."""
 
 
@@ -61,6 +67,25 @@ def parse_pfam_header(header: str) -> PfamHeader | None:
     return PfamHeader(match.group("name"), int(match.group("start")), int(match.group("end")),
                       match.group("protein"), match.group("accession"),
                       int(version) if version is not None else None, match.group("family_name"))
+
+
+_ENVELOPE = re.compile(r"/(\d+)-(\d+)$")
+
+
+def check_envelope(name: str, sequence: str, location: str, start: int | None = None,
+                   end: int | None = None) -> None:
+    """Raise :class:`InputFormatError` if the residues of a Pfam record contradict its envelope START-END (taken
+    from ``name`` = ``NAME/START-END`` unless given)."""
+    if start is None or end is None:
+        match = _ENVELOPE.search(name)
+        if match is None:
+            return
+        start, end = int(match.group(1)), int(match.group(2))
+    expected = end - start + 1
+    residues = len(sequence) - sequence.count("-") - sequence.count(".")
+    if residues != expected and expected > 0:
+        raise InputFormatError(f"{location}: record {name} has {residues} residues, but its Pfam envelope "
+                               f"{start}-{end} says {expected}; the record is truncated or its header is wrong")
 
 
 def open_text(path: str) -> io.TextIOBase:
@@ -165,11 +190,13 @@ def read_fasta(path: str, part: ByteRange | None = None) -> Iterator[SequenceRec
                                    "a '>' header must be followed by at least one sequence line")
         words = header.split(None, 3)
         family = family_name = None
+        sequence = "".join(chunks)
         if len(words) >= 3 and words[2].startswith("PF"):  # fast path for ">NAME/S-E ACC PFxxxxx.v;Name;"
             pfam = parse_pfam_header(header)
             if pfam is not None:
                 family, family_name = pfam.family_accession, pfam.family_name
-        return SequenceRecord(name=words[0] if words else "", sequence="".join(chunks), family=family,
+                check_envelope(words[0], sequence, f"{path}:{header_line}", pfam.start, pfam.end)
+        return SequenceRecord(name=words[0] if words else "", sequence=sequence, family=family,
                               family_name=family_name, location=f"{path}:{header_line}")
 
     for line_no, line in _numbered_lines(path, part):
@@ -221,8 +248,12 @@ def read_stockholm(path: str, part: ByteRange | None = None) -> Iterator[Sequenc
                                    f"found {stripped[:40]!r}")
         if stripped == "//":
             accession = gf.get("AC", "").split(".")[0].strip() or gf.get("ID", "").strip() or None
+            pfam = gf.get("AC", "").strip().startswith("PF")
             for name, chunks in sequences.items():
-                yield SequenceRecord(name=name, sequence="".join(chunks), family=accession,
+                sequence = "".join(chunks)
+                if pfam:
+                    check_envelope(name, sequence, f"{path}:{first_line[name]}")
+                yield SequenceRecord(name=name, sequence=sequence, family=accession,
                                      family_name=gf.get("ID", "").strip() or None,
                                      location=f"{path}:{first_line[name]}")
             in_alignment, sequences = False, {}
@@ -249,7 +280,9 @@ def read_stockholm(path: str, part: ByteRange | None = None) -> Iterator[Sequenc
 # ------------------------------------------------------------------------------------------------------- TAPE
 def read_tape_lmdb(path: str) -> Iterator[SequenceRecord]:
     """TAPE's Pfam LMDB (``pfam_train.lmdb`` ...): keys ``str(i)``, pickled dicts with ``primary``, ``family``,
-    ``clan``, ``protein_length``; ``num_examples`` gives the count."""
+    ``clan``, ``protein_length``; ``num_examples`` gives the count. Records are unpickled by the restricted
+    unpickler of :func:`megatron_protein.utils.safe_load.load_record` (builtin values and NumPy arrays only), so a
+    crafted record cannot run code."""
     import lmdb
 
     if not os.path.exists(path):
@@ -261,12 +294,14 @@ def read_tape_lmdb(path: str) -> Iterator[SequenceRecord]:
             raw = txn.get(b"num_examples")
             if raw is None:
                 raise InputFormatError(f"{path}: no 'num_examples' key; expected a TAPE LMDB")
-            count = pickle.loads(raw)
+            count = load_record(raw, f"{path}: num_examples")
+            if not isinstance(count, int) or count < 0:
+                raise InputFormatError(f"{path}: num_examples: expected a record count, found {count!r}")
             for i in range(count):
                 value = txn.get(str(i).encode())
                 if value is None:
                     raise InputFormatError(f"{path}: record {i}: missing (num_examples says {count})")
-                yield _tape_record(pickle.loads(value), f"{path}: record {i}", str(i))
+                yield _tape_record(load_record(value, f"{path}: record {i}"), f"{path}: record {i}", str(i))
     finally:
         env.close()
 

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from megatron_protein.models.bert import IUPAC_VOCAB_SIZE, BertConfig
 from megatron_protein.training.optimizer import OptimConfig
+from megatron_protein.utils.errors import ConfigError, one_line_parse_errors
 
 
 @dataclass
@@ -22,10 +23,14 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     overlap_grad_reduce: bool = False
+    #: How long a collective waits for the other ranks before the run fails (Megatron's default, 10 minutes).
+    distributed_timeout_minutes: float = 10.0
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("tensor- and pipeline-model-parallel sizes must be >= 1")
+        if not self.distributed_timeout_minutes > 0:
+            raise ValueError(f"--distributed-timeout-minutes must be > 0, got {self.distributed_timeout_minutes}")
 
     def degrees(self) -> list[tuple[str, Optional[int]]]:
         """The scg layout: dp outermost (inferred), then pp, then tp innermost (adjacent ranks share a node)."""
@@ -45,6 +50,8 @@ class DataConfig:
     split: str = "949,50,1"
     seq_length: int = 512
     mask_prob: float = 0.15
+    mask_token_prob: float = 0.8     # of the chosen residues: shown as <mask>
+    random_token_prob: float = 0.1   # ... shown as a random residue (the rest are kept)
     pack_sequences: bool = False
     data_cache_path: Optional[str] = None
     seed: int = 1234
@@ -55,6 +62,10 @@ class DataConfig:
         weights = [float(x) for x in self.split.replace("/", ",").split(",")]
         if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"--split must be three non-negative weights like 949,50,1, got {self.split!r}")
+        if not (0.0 <= self.mask_token_prob <= 1.0 and 0.0 <= self.random_token_prob <= 1.0
+                and self.mask_token_prob + self.random_token_prob <= 1.0):
+            raise ValueError(f"--mask-token-prob {self.mask_token_prob} and --random-token-prob "
+                             f"{self.random_token_prob} must be in [0, 1] with a sum <= 1")
 
 
 @dataclass
@@ -67,6 +78,10 @@ class CheckpointConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False
+    #: Load checkpoints with the full unpickler (runs code from the file): only for files the user vouches for.
+    trust_checkpoint: bool = False
+    #: Resume although the checkpoint was trained on another --data-path (refused otherwise).
+    allow_data_path_change: bool = False
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval < 1:
@@ -94,10 +109,17 @@ class TrainConfig:
     # The last layer and the MLM head only at the masked positions (same loss and gradients, less work); see
     # ProteinBertModel. --no-sparse-prediction computes them at every position.
     sparse_prediction: bool = True
+    # A step whose loss or gradient is not finite on any rank is skipped on every rank (Megatron's
+    # --check-for-nan-in-loss-and-grad); after this many consecutive skips the run stops with an error.
+    check_for_nan_in_loss_and_grad: bool = True
+    max_consecutive_skipped_iterations: int = 10
 
     def __post_init__(self):
         if self.micro_batch_size < 1 or self.train_iters < 1:
             raise ValueError("--micro-batch-size and --train-iters must be >= 1")
+        if self.max_consecutive_skipped_iterations < 1:
+            raise ValueError(f"--max-consecutive-skipped-iterations must be >= 1, got "
+                             f"{self.max_consecutive_skipped_iterations}")
 
 
 @dataclass
@@ -175,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-data-path", default=None)
     g.add_argument("--test-data-path", default=None)
     g.add_argument("--split", default="949,50,1", help="train,valid,test weights when --data-path is one dataset")
-    g.add_argument("--mask-prob", type=float, default=0.15)
+    g.add_argument("--mask-prob", type=float, default=0.15, help="fraction of residues chosen for prediction")
+    g.add_argument("--mask-token-prob", type=float, default=0.8,
+                   help="of the chosen residues, the fraction shown as <mask> (BERT: 0.8)")
+    g.add_argument("--random-token-prob", type=float, default=0.1,
+                   help="of the chosen residues, the fraction shown as a random residue (BERT: 0.1); the rest are "
+                        "kept")
     g.add_argument("--pack-sequences", action="store_true",
                    help="pack several sequences per sample with a block-diagonal attention mask (ProteinLM)")
     g.add_argument("--data-cache-path", default=None, help="where sample index maps are cached")
@@ -202,7 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
-    return p
+
+    g = p.add_argument_group("failure handling (docs/security.md)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad",
+                   help="step even when the loss or a gradient is NaN/inf (default: skip that step on every rank)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", dest="check_for_nan_in_loss_and_grad",
+                   default=True, help=argparse.SUPPRESS)
+    g.add_argument("--max-consecutive-skipped-iterations", type=int, default=10,
+                   help="stop the run after this many consecutive steps skipped for a non-finite loss or gradient "
+                        "(fp16: counted once the loss scale is at --min-loss-scale)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load --load with the full unpickler, which can run code from the file (only for old "
+                        "checkpoints you trust that the safe loader refuses)")
+    g.add_argument("--allow-data-path-change", action="store_true",
+                   help="resume from a checkpoint trained on another --data-path (refused otherwise)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="how long a collective waits for the other ranks before the run fails (default 10)")
+    return one_line_parse_errors(p)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -237,7 +280,7 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         bias_dropout_fusion=args.bias_dropout_fusion, layernorm_fusion=args.layernorm_fusion,
         checkpoint_activations=args.checkpoint_activations)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                              args.overlap_grad_reduce)
+                              args.overlap_grad_reduce, args.distributed_timeout_minutes)
     model.check_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
     decay_iters = args.lr_decay_iters or args.train_iters
     warmup = (int(args.lr_warmup_fraction * decay_iters) if args.lr_warmup_fraction is not None
@@ -251,17 +294,21 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
     data = DataConfig(
         data_path=args.data_path, train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
         test_data_path=args.test_data_path, split=args.split, seq_length=args.seq_length,
-        mask_prob=args.mask_prob, pack_sequences=args.pack_sequences, data_cache_path=args.data_cache_path,
+        mask_prob=args.mask_prob, mask_token_prob=args.mask_token_prob,
+        random_token_prob=args.random_token_prob, pack_sequences=args.pack_sequences, data_cache_path=args.data_cache_path,
         seed=args.seed)
     checkpoint = CheckpointConfig(
         save=args.save, load=args.load, save_interval=args.save_interval, no_save_optim=args.no_save_optim,
         no_save_rng=args.no_save_rng, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
-        finetune=args.finetune)
+        finetune=args.finetune, trust_checkpoint=args.trust_checkpoint,
+        allow_data_path_change=args.allow_data_path_change)
     logging_config = LoggingConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
                                    eval_interval=args.eval_interval, eval_iters=args.eval_iters)
     train = TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
                         train_iters=args.train_iters, exit_interval=args.exit_interval,
-                        sparse_prediction=args.sparse_prediction)
+                        sparse_prediction=args.sparse_prediction,
+                        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
+                        max_consecutive_skipped_iterations=args.max_consecutive_skipped_iterations)
     return PretrainConfig(model=model, parallel=parallel, optim=optim, data=data, checkpoint=checkpoint,
                           logging=logging_config, train=train, args=args)
 
@@ -272,6 +319,6 @@ def resolve_batch(train: TrainConfig, dp_size: int) -> int:
         train.global_batch_size = train.micro_batch_size * dp_size
     per_step = train.micro_batch_size * dp_size
     if train.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {train.global_batch_size} is not a multiple of micro batch "
+        raise ConfigError(f"--global-batch-size {train.global_batch_size} is not a multiple of micro batch "
                          f"{train.micro_batch_size} x data-parallel size {dp_size}")
     return train.global_batch_size // per_step

@@ -1,4 +1,5 @@
-"""Checkpoints in Megatron-LM's layout, written atomically, resumed exactly.
+"""Checkpoints in Megatron-LM's layout, written atomically and durably, never with non-finite weights, resumed
+exactly.
 
 Layout (what Megatron-LM and ProteinLM write, so the converter reads theirs and ours alike)::
 
@@ -14,9 +15,21 @@ the same model, optimizer and RNG state.
 
 Atomicity: every rank writes into ``SAVE/iter_0000100.tmp/``; after a barrier rank 0 renames that directory to
 ``iter_0000100`` (one ``os.replace``) and only then replaces ``latest_checkpointed_iteration.txt`` (written to a
-temporary name, fsynced, ``os.replace``d). A process killed at any moment leaves either the old tracker file
-pointing at the last complete checkpoint or the new one pointing at a complete directory; a leftover ``.tmp``
-directory is ignored and cleaned up by the next save.
+temporary name, fsynced, ``os.replace``d). Every rename is followed by an fsync of the directory that holds it, so
+the order survives a power cut too. A process killed at any moment leaves either the old tracker file pointing at
+the last complete checkpoint or the new one pointing at a complete directory; a leftover ``.tmp`` directory is
+ignored and cleaned up by the next save. Saving an iteration that already exists swaps the new directory for the
+old one in one ``renameat2(RENAME_EXCHANGE)`` (Linux), so the tracker never names a missing directory; where the
+system cannot (NFS, other kernels) the old directory is first renamed to ``iter_0000100.old`` and readers take that
+one while ``iter_0000100`` is missing (:func:`resolve_iteration_dir`).
+
+Before anything is written, every rank checks that its weights and optimizer moments are finite, and all ranks
+agree: a checkpoint with NaN or inf is refused (:class:`CheckpointError`), whatever the caller.
+
+Loading: the tracker is read on rank 0 and its iteration broadcast (:func:`read_tracker_on_rank0`), so every rank
+loads the same iteration even on a file system that shows ranks different versions of the file; each file is
+unpickled by the weights-only loader of :mod:`megatron_protein.utils.safe_load`; and all ranks fail together if
+any rank's file is missing, unreadable or refused.
 """
 from __future__ import annotations
 
@@ -32,6 +45,10 @@ import torch.distributed as dist
 
 from megatron_protein.parallel import scg
 from megatron_protein.parallel import tensor_parallel as tp_layers
+from megatron_protein.utils import fs
+from megatron_protein.utils.agree import from_rank0, on_all_ranks
+from megatron_protein.utils.errors import UserError
+from megatron_protein.utils.safe_load import UnsafeFileError, load_torch_file
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -42,7 +59,7 @@ SHAPE_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num
               "num_attention_heads", "ffn_hidden_size", "max_position_embeddings", "padded_vocab_size")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or does not match the current arguments."""
 
 
@@ -58,8 +75,18 @@ def rank_dirname(tp_rank: int, pp_rank: int, pp_size: int) -> str:
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
+def resolve_iteration_dir(save: str, iteration: int | str) -> str:
+    """The directory of ``iteration``, or its ``.old`` copy while a re-save of the same iteration (on a system
+    without an atomic directory swap) has moved the old one aside and not yet put the new one in place."""
+    final = iteration_dir(save, iteration)
+    if not os.path.isdir(final) and os.path.isdir(final + ".old"):
+        return final + ".old"
+    return final
+
+
 def checkpoint_file(save: str, iteration: int | str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return os.path.join(iteration_dir(save, iteration), rank_dirname(tp_rank, pp_rank, pp_size), MODEL_FILENAME)
+    return os.path.join(resolve_iteration_dir(save, iteration), rank_dirname(tp_rank, pp_rank, pp_size),
+                        MODEL_FILENAME)
 
 
 def read_tracker(load: str) -> Optional[int | str]:
@@ -75,6 +102,12 @@ def read_tracker(load: str) -> Optional[int | str]:
         return int(text)
     except ValueError:
         raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+
+
+def read_tracker_on_rank0(load: str, groups: Optional[scg.ParallelGroups] = None) -> Optional[int | str]:
+    """:func:`read_tracker` on global rank 0, its result (or its error) on every rank. Collective."""
+    groups = groups if groups is not None else scg.current()
+    return from_rank0(lambda: read_tracker(load), groups, CheckpointError, what=f"reading {TRACKER_FILENAME}")
 
 
 def rng_state() -> dict:
@@ -101,12 +134,28 @@ def _barrier(groups: scg.ParallelGroups) -> None:
 
 
 def _write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fs.write_text_durably(path, text)
+
+
+def nonfinite_entries(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                      limit: int = 4) -> list[str]:
+    """Names of (up to ``limit``) floating-point weights or optimizer moments of this rank holding NaN or inf."""
+    found = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append(name)
+            if len(found) >= limit:
+                return found
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                        and not bool(torch.isfinite(value).all())):
+                    found.append(f"optimizer {key} of {names.get(id(param), '?')}")
+                    if len(found) >= limit:
+                        return found
+    return found
 
 
 def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -117,10 +166,21 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
 
     Collective over the world: every rank must call it (only the first replica of each tp/pp shard writes files:
     dp rank 0, and rank 0 of any other axis that replicates the weights, such as the folding model's dap and bp).
+    Raises :class:`CheckpointError` on every rank, having written nothing, when any rank's weights or optimizer
+    moments are not finite.
     """
     groups = groups if groups is not None else scg.current()
     final_dir = iteration_dir(save, iteration)
     tmp_dir = final_dir + ".tmp"
+
+    def check_finite() -> None:
+        bad = nonfinite_entries(model, optimizer if save_optim else None)
+        if bad:
+            raise CheckpointError(
+                f"{final_dir}: refusing to save a checkpoint with non-finite values (rank {groups.rank}: "
+                f"{', '.join(bad)}); the last complete checkpoint in {save} is unchanged")
+
+    on_all_ranks(check_finite, groups, CheckpointError, what="the finiteness check of a save")
     if groups.rank == 0:
         os.makedirs(save, exist_ok=True)
         if os.path.exists(tmp_dir):  # left by a save that was interrupted
@@ -148,22 +208,25 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
         os.makedirs(rank_dir, exist_ok=True)
         path = os.path.join(rank_dir, MODEL_FILENAME)
         torch.save(state, path + ".partial")
-        with open(path + ".partial", "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(path + ".partial", path)
+        fs.fsync_file(path + ".partial")
+        fs.replace_durably(path + ".partial", path)
     _barrier(groups)
 
     if groups.rank == 0:
-        if os.path.exists(final_dir):  # saving the same iteration again: swap the old one out first
-            stale = final_dir + ".old"
-            if os.path.exists(stale):
+        fs.fsync_dir(tmp_dir)  # the rank directories made by every writer
+        stale = final_dir + ".old"
+        if os.path.exists(stale) and os.path.isdir(final_dir):
+            shutil.rmtree(stale)  # left by a re-save that was interrupted after the new directory was in place
+        if os.path.isdir(final_dir):  # saving the same iteration again
+            if fs.exchange(tmp_dir, final_dir):  # one atomic swap: the name always holds a complete checkpoint
+                shutil.rmtree(tmp_dir)
+            else:  # readers take iter_N.old while iter_N is missing (resolve_iteration_dir)
+                fs.replace_durably(final_dir, stale)
+                fs.replace_durably(tmp_dir, final_dir)
                 shutil.rmtree(stale)
-            os.replace(final_dir, stale)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(stale)
         else:
-            os.replace(tmp_dir, final_dir)
-        _write_text_atomically(os.path.join(save, TRACKER_FILENAME), str(iteration))
+            fs.replace_durably(tmp_dir, final_dir)
+        fs.write_text_durably(os.path.join(save, TRACKER_FILENAME), str(iteration))
     _barrier(groups)
     return final_dir
 
@@ -181,8 +244,15 @@ def check_args_match(saved: argparse.Namespace, current: argparse.Namespace, pat
                               + "\nUse the checkpoint's values, or convert the checkpoint to the new TP/PP degrees.")
 
 
-def load_state(load: str, groups: scg.ParallelGroups, iteration: Optional[int | str] = None) -> tuple[dict, str]:
-    """Read this rank's checkpoint file (latest iteration unless given) and return (state, path)."""
+def load_state(load: str, groups: scg.ParallelGroups, iteration: Optional[int | str] = None,
+               trust_checkpoint: bool = False) -> tuple[dict, str]:
+    """Read this rank's checkpoint file (latest iteration unless given) and return (state, path).
+
+    The file is unpickled by PyTorch's weights-only unpickler with the allow-list of
+    :mod:`megatron_protein.utils.safe_load` (the ``args`` Namespace, RNG states, NumPy arrays): a file that asks
+    for anything else is refused with :class:`~megatron_protein.utils.safe_load.UnsafeFileError` naming the
+    global. ``trust_checkpoint`` (``--trust-checkpoint``) loads with the full unpickler instead, for old files the
+    user vouches for."""
     if iteration is None:
         iteration = read_tracker(load)
         if iteration is None:
@@ -190,15 +260,16 @@ def load_state(load: str, groups: scg.ParallelGroups, iteration: Optional[int | 
                                   f"ever completed in this directory?)")
     path = checkpoint_file(load, iteration, groups.rank_in("tp"), groups.rank_in("pp"), groups.size("pp"))
     if not os.path.isfile(path):
-        it_dir = iteration_dir(load, iteration)
+        it_dir = resolve_iteration_dir(load, iteration)
         present = sorted(os.listdir(it_dir)) if os.path.isdir(it_dir) else []
         raise CheckpointError(
             f"{path} does not exist; {it_dir} holds {present or 'nothing'}. This run has tensor-model-parallel "
             f"size {groups.size('tp')} and pipeline-model-parallel size {groups.size('pp')}: the checkpoint was "
             f"probably saved with other degrees.")
     try:
-        # Checkpoints hold an argparse.Namespace (Megatron's format), which the weights-only unpickler refuses.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_torch_file(path, trust=trust_checkpoint)
+    except UnsafeFileError:
+        raise
     except Exception as exc:  # noqa: BLE001 - reported with the path
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from exc
     return state, path
@@ -206,23 +277,41 @@ def load_state(load: str, groups: scg.ParallelGroups, iteration: Optional[int | 
 
 def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], scheduler,
                     args: argparse.Namespace, loss_scaler=None, groups: Optional[scg.ParallelGroups] = None,
-                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False) -> dict:
+                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
+                    iteration: Optional[int | str] = None, trust_checkpoint: bool = False) -> dict:
     """Restore model (and, unless told otherwise, optimizer, scheduler, loss scale, RNG) from ``load``.
 
-    Returns ``{'iteration', 'consumed_train_samples', 'consumed_valid_samples'}`` (zeros with ``finetune``, which
-    loads only the weights and starts a new run, as Megatron's --finetune).
+    Collective over the world: every rank must call it. ``iteration`` defaults to the tracker's, read on rank 0
+    (:func:`read_tracker_on_rank0`). If any rank cannot read, is refused or does not match its file, every rank
+    raises :class:`CheckpointError` with the first failing rank's message. ``trust_checkpoint`` loads with the
+    full unpickler (see :func:`load_state`).
+
+    Returns ``{'iteration', 'consumed_train_samples', 'consumed_valid_samples', 'args'}`` (zeros with
+    ``finetune``, which loads only the weights and starts a new run, as Megatron's --finetune; ``args`` is the
+    checkpoint's Namespace, or None).
     """
     groups = groups if groups is not None else scg.current()
-    state, path = load_state(load, groups)
+    if iteration is None:
+        iteration = read_tracker_on_rank0(load, groups)
+        if iteration is None:
+            raise CheckpointError(f"{load}: no {TRACKER_FILENAME}; nothing to resume from (was a checkpoint "
+                                  f"ever completed in this directory?)")
+
+    def read_and_load_weights():
+        state, path = load_state(load, groups, iteration, trust_checkpoint=trust_checkpoint)
+        saved_args = state.get("args")
+        if saved_args is not None:
+            check_args_match(saved_args, args, path)
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: model keys do not match this model; missing {list(missing)}, "
+                                  f"unexpected {list(unexpected)}")
+        return state, path
+
+    state, path = on_all_ranks(read_and_load_weights, groups, CheckpointError, what="loading the checkpoint")
     saved_args = state.get("args")
-    if saved_args is not None:
-        check_args_match(saved_args, args, path)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: model keys do not match this model; missing {list(missing)}, "
-                              f"unexpected {list(unexpected)}")
     if finetune:
-        return {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0}
+        return {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0, "args": saved_args}
     if load_optim and optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError(f"{path} holds no optimizer state (saved with --no-save-optim); "
@@ -240,4 +329,5 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
     iteration = state.get("iteration", 0)
     return {"iteration": 0 if iteration == "release" else int(iteration),
             "consumed_train_samples": int(getattr(saved_args, "consumed_train_samples", 0) or 0),
-            "consumed_valid_samples": int(getattr(saved_args, "consumed_valid_samples", 0) or 0)}
+            "consumed_valid_samples": int(getattr(saved_args, "consumed_valid_samples", 0) or 0),
+            "args": saved_args}
