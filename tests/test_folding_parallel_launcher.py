@@ -100,3 +100,36 @@ def test_bad_parallel_launches_fail_on_every_rank(tmp_path, flags, message):
     assert run.returncode != 0
     assert run.stderr.count(message) == 2, run.stderr[-3000:]          # both ranks, before any collective
     assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_dap2_prediction_writes_the_one_process_structure(tmp_path):
+    """``torchrun --nproc_per_node 2 folding/predict.py --dap_degree 2`` (17 residues: padded to 18) gives the
+    one-process PDB and pLDDT (coordinates 2e-3 A: the PDB's 3 decimals; pLDDT 1e-3), written once by rank 0."""
+    from folding_helpers import micro_config, write_small_chains
+    from megatron_protein.structure import io as structure_io
+    from megatron_protein.training.folding_arguments import RunOptions
+    from megatron_protein.training.folding_trainer import FoldingTrainer
+
+    data = write_small_chains(str(tmp_path / "small.npz"), n_train=4, n_valid=1)
+    FoldingTrainer(micro_config(train__train_step=1, train__save_step=0),
+                   RunOptions(model_dir=str(tmp_path / "model"), data=data, plot=False, tensorboard=False)).train()
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text(">query\nGSHMSLFDFFKNKGSAA\n")
+    predict = os.path.join(REPO, "folding", "predict.py")
+    args = ["--fasta", str(fasta), "--checkpoint", str(tmp_path / "model"), "--chunk_size", "4"]
+    single = subprocess.run([PYTHON, predict, *args, "--output", str(tmp_path / "one.pdb")], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    split = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                            str(free_port()), predict, *args, "--dap_degree", "2", "--output",
+                            str(tmp_path / "dap.pdb")], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout.count("query: 17 residues") == 1                   # rank 0 reports and writes
+    one, two = (structure_io.read_chain(str(tmp_path / name)) for name in ("one.pdb", "dap.pdb"))
+    assert one.atom_positions.shape == two.atom_positions.shape == (17, 37, 3)
+    assert abs(one.atom_positions - two.atom_positions).max() < 2e-3
+    with open(tmp_path / "one.json") as f, open(tmp_path / "dap.json") as g:
+        a, b = json.load(f), json.load(g)
+    assert math.isclose(a["mean_plddt"], b["mean_plddt"], abs_tol=1e-3) and b["dap_degree"] == 2

@@ -3,6 +3,7 @@ summary.
 
     python folding/predict.py --fasta F --checkpoint DIR --output OUT.pdb [--msa M.a3m | --database DB.fasta]
                               [--chunk_size N] [--num_recycles K] [--device cpu|cuda]
+    torchrun --nproc_per_node N folding/predict.py --dap_degree N ...   # a long chain's activations over N ranks
 
 - One record: ``OUT.pdb`` and ``OUT.json``. Several records: ``--output`` is a directory that receives
   ``<record>.pdb`` per record and ``summary.json``.
@@ -172,11 +173,33 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def predict(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_protein.parallel import dap, scg
     try:
         return _predict(args)
-    except PredictionInputError as exc:
+    except (PredictionInputError, scg.ParallelConfigError, dap.DAPHookError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def prediction_groups(dap_degree: int):
+    """The DAP process groups of a ``--dap_degree N`` prediction (None for one process).
+
+    Every rank predicts the same chains together, each holding 1/N of the MSA and pair activations inside the
+    Evoformer; rank 0 writes the outputs. It runs on exactly N processes (no data parallelism: the chains are not
+    shared out), launched by torchrun; every check raises on every rank before any collective.
+    """
+    from megatron_protein.parallel import scg
+
+    if dap_degree < 1:
+        raise PredictionInputError(f"--dap_degree: must be >= 1, got {dap_degree}")
+    if dap_degree == 1:
+        return None
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise PredictionInputError(f"--dap_degree {dap_degree}: RANK/WORLD_SIZE are not set; launch with torchrun "
+                                   f"--nproc_per_node {dap_degree} folding/predict.py --dap_degree {dap_degree} ...")
+    # Inference draws no random numbers in the model (eval mode); the seed only satisfies the rule that every rank
+    # of a dap group starts from the same generator state.
+    return scg.init_process_group(parallel_degree=[("dap", dap_degree)], seed=0)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -192,16 +215,20 @@ def _predict(args: argparse.Namespace) -> int:
     if args.num_recycles is not None and args.num_recycles < 0:
         raise PredictionInputError(f"--num_recycles: must be >= 0, got {args.num_recycles}")
     # Everything is read and checked before the model runs or a file is written.
+    groups = prediction_groups(args.dap_degree)
+    writer = groups is None or groups.rank == 0
     queries = read_queries(args.fasta)
     device = torch.device(args.device) if args.device else scg.default_device()
     model, config, iteration = load_folding_checkpoint(args.checkpoint, device)
+    model.trunk.check_parallel()
     msas = build_msas(queries, args.msa, args.database, args.cpus)
     several = len(queries) > 1
     if several:
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise PredictionInputError(f"{args.output}: exists and is not a directory; with {len(queries)} FASTA "
                                        "records --output names a directory (one PDB per record)")
-        os.makedirs(args.output, exist_ok=True)
+        if writer:
+            os.makedirs(args.output, exist_ok=True)
     else:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):
@@ -218,6 +245,8 @@ def _predict(args: argparse.Namespace) -> int:
         chain = structure_io.chain_from_prediction(batch["aatype"][0], out["positions"][0], out["atom37_mask"][0],
                                                    residue_index=np.arange(1, len(query.sequence) + 1))
         pdb_path = os.path.join(args.output, f"{query.name}.pdb") if several else args.output
+        if not writer:
+            continue
         structure_io.write_structure(chain, pdb_path, plddt=np.clip(plddt, 0.0, 100.0))
         summary = {"name": query.name, "length": len(query.sequence), "mean_plddt": float(plddt.mean()),
                    "seconds": round(time.monotonic() - started, 3), "num_recycles": num_recycles,
@@ -225,13 +254,14 @@ def _predict(args: argparse.Namespace) -> int:
                    "msa_source": "single-sequence" if (args.msa is None and args.database is None)
                    else (args.msa or args.database),
                    "pdb": os.path.abspath(pdb_path), "checkpoint": os.path.abspath(args.checkpoint),
-                   "checkpoint_iteration": iteration, "config_preset": config.preset, "device": str(device)}
+                   "checkpoint_iteration": iteration, "config_preset": config.preset, "device": str(device),
+                   "dap_degree": args.dap_degree}
         summaries.append(summary)
         if not several:
             _atomic_write_text(os.path.splitext(args.output)[0] + ".json", json.dumps(summary, indent=1) + "\n")
         print(f"{query.name}: {len(query.sequence)} residues, mean pLDDT {summary['mean_plddt']:.1f}, "
               f"{summary['seconds']:.2f} s -> {pdb_path}")
-    if several:
+    if several and writer:
         _atomic_write_text(os.path.join(args.output, "summary.json"), json.dumps(summaries, indent=1) + "\n")
     return 0
 
@@ -250,4 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_recycles", type=int, default=None, help="recycles (default: the model's, 3 in AF2)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: CUDA when available)")
     p.add_argument("--cpus", type=int, default=2, help="threads of the jackhmmer search (--database)")
+    p.add_argument("--dap_degree", type=int, default=1,
+                   help="split the Evoformer's activations over N processes (dynamic axial parallelism; launch "
+                        "with torchrun --nproc_per_node N; docs/parallel_folding.md)")
     return p
