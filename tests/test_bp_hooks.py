@@ -30,7 +30,7 @@ def make_params(blocks=2):
     return {k: (_rand(i, *shape) * 0.5).requires_grad_() for i, (k, shape) in enumerate(names.items())}
 
 
-def branch_params(p, blocks=2):
+def branch_params(p):
     return [v for k, v in p.items() if k.startswith("b")]
 
 
@@ -94,8 +94,9 @@ def _check_bp():
     _step(p_unfused, x_m, x_z, seed=7)
     unfused_collectives = bp.grad_sync(param_groups(p_unfused))
     unfused = {k: v.grad.clone() for k, v in p_unfused.items()}
-    return {"unfused": unfused, "unfused_collectives": unfused_collectives,"ref_loss": ref_loss, "loss": loss, "ref_grad_x": ref_grad_x, "grad_x": grad_x,
-            "reference": reference, "before": before, "after": after, "collectives": collectives}
+    return {"unfused": unfused, "unfused_collectives": unfused_collectives, "ref_loss": ref_loss, "loss": loss,
+            "ref_grad_x": ref_grad_x, "grad_x": grad_x, "reference": reference, "before": before, "after": after,
+            "collectives": collectives}
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ Two levels:
   (sync or async, overlapped with the pair updates), triangle-multiplication-like updates in row and column
   layout), run at dap = 2 on padded, uneven N_seq = 5 and N_res = 7 and compared with the same function at degree 1
   (``scg.as_single_process``) on the unpadded inputs: outputs at unmasked positions, input gradients and parameter
-  gradients after ``dap.grad_sync``. The same block with the exit-style gather (gradient kept local, FastFold's async gather)
-  at the all-gather sites gives wrong gradients: that is the test behind the choice of reduce-scatter backward.
+  gradients after ``dap.grad_sync``. The same block with the exit-style gather (gradient kept local, FastFold's
+  async gather) at the all-gather sites gives wrong gradients: that is the test behind the choice of reduce-scatter
+  backward.
 
 float32; atol = rtol = 1e-5 for the block (sums over a few dozen terms in a different order), 1e-6 for single hooks.
 """
@@ -33,7 +34,7 @@ def _rand(seed, *shape):
 
 def _check_hooks():
     """Runs on every rank of a dap = 2 world; returns a list of failure messages."""
-    pg = scg.init_process_group(parallel_degree=[("dap", 2)], seed=0)
+    scg.init_process_group(parallel_degree=[("dap", 2)], seed=0)
     n, r = dap.get_world_size(), dap.get_rank_in_group()
     failures = []
 

@@ -19,7 +19,6 @@ test compares the trainer's own loss (``metrics.jsonl``).
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
