@@ -97,8 +97,10 @@ def test_parallel_flags_without_torchrun_fail_clearly(tmp_path):
 ])
 def test_bad_parallel_launches_fail_on_every_rank(tmp_path, flags, message):
     run = _train(tmp_path / "bad", "--distributed", *flags, nproc=2)
+    # Exits (no rank waits in a collective) with the error; torchrun stops the other rank as soon as one exits, so
+    # how many ranks got to print it depends on timing (each rank's own check is tested in tests/test_bp_hooks.py).
     assert run.returncode != 0
-    assert run.stderr.count(message) == 2, run.stderr[-3000:]          # both ranks, before any collective
+    assert message in run.stderr, run.stderr[-3000:]
     assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
 
 
