@@ -38,8 +38,8 @@ import torch
 
 from megatron_protein.kernels import FusionConfig
 from megatron_protein.models.folding.config import ModelConfig
-from megatron_protein.models.folding.embedders import (ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder,
-                                                       extra_msa_features)
+from megatron_protein.models.folding.embedders import (ExtraMSAEmbedder, InputEmbedder, ProfileEmbedder,
+                                                       RecyclingEmbedder, extra_msa_features)
 from megatron_protein.models.folding.evoformer import EvoformerConfig, EvoformerStack, ExtraMSAStack
 from megatron_protein.parallel import bp, dap, scg
 
@@ -75,6 +75,9 @@ class DistEmbeddingsAndEvoformer(torch.nn.Module):
                                             model.relpos_k)
         self.recycling_embedder = RecyclingEmbedder(model.c_m, model.c_z, model.recycle_min_bin,
                                                     model.recycle_max_bin, model.recycle_num_bins, fused=fused)
+        # Optional (model.use_profile, not AF2): the chain's profile added to the query row, replicated like the
+        # other embedders.
+        self.profile_embedder = ProfileEmbedder(model.c_m) if model.use_profile else None
         self.use_extra_msa = model.extra_msa.num_blocks > 0
         if self.use_extra_msa:
             self.extra_msa_embedder = ExtraMSAEmbedder(model.extra_msa_feat_dim, model.c_e)
@@ -131,6 +134,9 @@ class DistEmbeddingsAndEvoformer(torch.nn.Module):
         m, z = self.input_embedder(batch["target_feat"], batch["residue_index"], batch["msa_feat"])
         m_prev, z_prev, x_prev = prev
         m_update, z_update = self.recycling_embedder(m_prev.to(m.dtype), z_prev.to(z.dtype), x_prev)
+        if self.profile_embedder is not None:
+            m_update = m_update + self.profile_embedder(batch["profile"].to(m.dtype),
+                                                        batch["profile_mask"].to(m.dtype))
         m = torch.cat([m[..., :1, :, :] + m_update[..., None, :, :], m[..., 1:, :, :]], dim=-3)
         z = z + z_update
 

@@ -36,6 +36,7 @@ from megatron_protein.models.folding.structure_module import StructureModule
 #: extra-MSA stack has blocks.
 MODEL_FEATURES = ("aatype", "residue_index", "seq_mask", "target_feat", "msa_feat", "msa_mask")
 EXTRA_MSA_FEATURES = ("extra_msa", "extra_has_deletion", "extra_deletion_value", "extra_msa_mask")
+PROFILE_FEATURES = ("profile", "profile_mask")
 
 
 def sample_num_recycles(max_recycling_iters: int, seed: int, step: int) -> int:
@@ -80,7 +81,9 @@ class AlphaFold(torch.nn.Module):
         ``single [B, R, c_s]``, ``distogram_logits [B, R, R, 64]``, ``masked_msa_logits [B, S, R, 23]``,
         ``plddt_logits [B, R, 50]``, ``plddt [B, R]`` (0-100) and ``num_recycles``.
         """
-        missing = [k for k in MODEL_FEATURES + (EXTRA_MSA_FEATURES if self.use_extra_msa else ()) if k not in batch]
+        needed = (MODEL_FEATURES + (EXTRA_MSA_FEATURES if self.use_extra_msa else ())
+                  + (PROFILE_FEATURES if self.config.model.use_profile else ()))
+        missing = [k for k in needed if k not in batch]
         if missing:
             raise KeyError(f"AlphaFold.forward: the batch lacks feature(s) {', '.join(missing)}")
         if num_recycles is None:
