@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -44,8 +45,11 @@ from megatron_protein.training.arguments import PretrainConfig, resolve_batch
 from megatron_protein.training.logging_utils import TrainingLogger, logger
 from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler, build_optimizer, clip_grad_norm,
                                                  grads_are_finite)
-from megatron_protein.training.pretrain_data import (attention_mask, build_datasets, check_training_data,
-                                                     micro_batch_loader, resolve_sources, unigram_perplexity)
+from megatron_protein.training.pretrain_data import (attention_mask, blend_unigram_perplexity,
+                                                     build_blended_datasets, build_datasets,
+                                                     check_blend_training_data, check_training_data,
+                                                     micro_batch_loader, resolve_blend, resolve_sources,
+                                                     unigram_perplexity)
 from megatron_protein.utils.agree import on_all_ranks
 from megatron_protein.utils.errors import NonFiniteLossError
 from megatron_protein.utils.locks import LockError, OutputLock
@@ -70,6 +74,31 @@ class TrainResult:
     checkpoint_dir: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     elapsed_seconds: float = 0.0
+    saved_at: Optional[int] = None      # iteration of the last checkpoint this run wrote
+    exit_reason: Optional[str] = None   # why the run stopped before --train-iters (an --exit-* flag)
+
+
+class ExitSignal:
+    """Megatron's ``--exit-signal-handler``: while installed, SIGTERM only sets :attr:`received` (the loop then
+    finishes the iteration, saves and stops, :meth:`Pretrainer._exit_reason`); :meth:`restore` puts the previous
+    handler back. Under torchrun, a SIGTERM to the launcher is passed on to every worker, which then has the
+    launcher's grace period (30 s by default) before SIGKILL; schedulers such as Slurm signal every process of the
+    job step themselves."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        self._previous = None
+        self.enabled = enabled
+        if enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self.enabled = False
 
 
 def autocast_context(config: PretrainConfig, device: torch.device):
@@ -95,17 +124,27 @@ def _from_last_stage(tensor: torch.Tensor, groups: scg.ParallelGroups) -> torch.
 class Pretrainer:
     """Holds the model, optimizer and data position of one run; :meth:`train` runs it."""
 
-    def __init__(self, config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None):
+    def __init__(self, config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None,
+                 start_time: Optional[float] = None):
+        #: time.monotonic() at the start of the job (--exit-duration-in-mins counts from here).
+        self.start_time = start_time if start_time is not None else time.monotonic()
         self.config = config
         self.groups = groups = groups if groups is not None else scg.current()
         args = config.args
         self.num_micro_batches = resolve_batch(config.train, groups.size("dp"))
         # The data is checked before anything is built: an empty training split fails here, naming its file.
-        self.sources = resolve_sources(config.data.data_path, config.data.split, config.data.train_data_path,
-                                       config.data.valid_data_path, config.data.test_data_path)
-        check_training_data(self.sources, config.data.split, config.data.data_path)
+        self.blend_sources = None
+        if config.data.data_blend is not None:
+            self.blend_sources = resolve_blend(config.data.data_blend, config.data.split)
+            check_blend_training_data(self.blend_sources, config.data.split)
+            self.sources = {}
+        else:
+            self.sources = resolve_sources(config.data.data_path, config.data.split, config.data.train_data_path,
+                                           config.data.valid_data_path, config.data.test_data_path)
+            check_training_data(self.sources, config.data.split, config.data.data_path)
         # What checkpoints record (Megatron's names), including what only the world size decides.
         args.global_batch_size = config.train.global_batch_size
+        args.train_iters = config.train.train_iters
         args.data_parallel_size = groups.size("dp")
         args.world_size = groups.world_size
         args.padded_vocab_size = config.model.padded_vocab_size(groups.size("tp"))
@@ -121,10 +160,10 @@ class Pretrainer:
         sync_tied_parameters(self.tied_params, groups)
 
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.scheduler = LRScheduler(self.optimizer, config.optim.lr, config.optim.min_lr,
-                                     config.optim.lr_warmup_steps,
-                                     config.optim.lr_decay_steps or config.train.train_iters,
-                                     config.optim.lr_decay_style)
+        # The schedule counts samples, as Megatron-LM's (so its state is Megatron's and --lr-*-samples work).
+        warmup, decay = config.optim.schedule_in_samples(config.train.global_batch_size, config.train.train_iters)
+        self.scheduler = LRScheduler(self.optimizer, config.optim.lr, config.optim.min_lr, warmup, decay,
+                                     config.optim.lr_decay_style, increment=config.train.global_batch_size)
         self.loss_scaler = None
         if config.optim.fp16:
             self.loss_scaler = DynamicLossScaler(
@@ -154,12 +193,16 @@ class Pretrainer:
         train, data = config.train, config.data
         sources = self.sources
         eval_samples = config.logging.eval_iters * train.global_batch_size
-        self.datasets = build_datasets(
-            sources, data.seq_length,
-            {"train": train.train_iters * train.global_batch_size, "valid": eval_samples, "test": eval_samples},
-            data.seed, data.mask_prob, data.pack_sequences, data.data_cache_path)
-        self.valid_unigram_perplexity = (unigram_perplexity(sources["valid"])[0]
-                                         if sources.get("valid") is not None else None)
+        counts = {"train": train.train_iters * train.global_batch_size, "valid": eval_samples, "test": eval_samples}
+        if self.blend_sources is not None:
+            self.datasets = build_blended_datasets(self.blend_sources, data.seq_length, counts, data.seed,
+                                                   data.mask_prob, data.pack_sequences, data.data_cache_path)
+            self.valid_unigram_perplexity = blend_unigram_perplexity(self.blend_sources, "valid")
+        else:
+            self.datasets = build_datasets(sources, data.seq_length, counts, data.seed, data.mask_prob,
+                                           data.pack_sequences, data.data_cache_path)
+            self.valid_unigram_perplexity = (unigram_perplexity(sources["valid"])[0]
+                                             if sources.get("valid") is not None else None)
         self.activation_shape = (train.micro_batch_size, data.seq_length, config.model.hidden_size)
 
     # ------------------------------------------------------------------------------------------ one stage
@@ -298,6 +341,36 @@ class Pretrainer:
         else:
             log.info("the run is complete (iteration %d of %d); nothing to train", self.iteration,
                      train.train_iters)
+        exit_signal = ExitSignal(train.exit_signal_handler)
+        try:
+            self._train_loop(result, log, loader, exit_signal)
+        finally:
+            exit_signal.restore()
+        return self._finish(result, log)
+
+    def _exit_reason(self, exit_signal: "ExitSignal") -> Optional[str]:
+        """Why the run stops after this iteration (Megatron's --exit-interval, --exit-signal-handler,
+        --exit-duration-in-mins), or None. The signal and the clock are voted on by every rank (one MAX all-reduce,
+        only when either flag is given), so all ranks stop and save at the same iteration even when only some
+        received the signal or their clocks disagree."""
+        train = self.config.train
+        if train.exit_interval is not None and self.iteration % train.exit_interval == 0:
+            return f"--exit-interval {train.exit_interval}"
+        if not train.exit_signal_handler and train.exit_duration_in_mins is None:
+            return None
+        minutes = (time.monotonic() - self.start_time) / 60.0
+        flags = torch.tensor([float(exit_signal.received),
+                              float(train.exit_duration_in_mins is not None and minutes > train.exit_duration_in_mins)],
+                             device=self.groups.device)
+        _all_reduce(flags, self.groups.group("world"), op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return "SIGTERM received (--exit-signal-handler)"
+        if flags[1] > 0:
+            return f"--exit-duration-in-mins {train.exit_duration_in_mins:g} passed"
+        return None
+
+    def _train_loop(self, result: TrainResult, log: TrainingLogger, loader, exit_signal: "ExitSignal") -> None:
+        train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
         saved_at = None
         while self.iteration < train.train_iters:
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
@@ -320,7 +393,8 @@ class Pretrainer:
                 valid_loss, tokens = self.evaluate("valid")
                 result.evaluations.append({"iteration": self.iteration, "split": "valid", **log.evaluation(
                     self.iteration, "valid", valid_loss, tokens)})
-            exiting = train.exit_interval is not None and self.iteration % train.exit_interval == 0
+            exit_reason = self._exit_reason(exit_signal)
+            exiting = exit_reason is not None
             if ckpt.save and ((ckpt.save_interval and self.iteration % ckpt.save_interval == 0) or exiting
                               or self.iteration == train.train_iters):
                 self.save()
@@ -328,17 +402,22 @@ class Pretrainer:
                 log.info("saved checkpoint of iteration %d to %s", self.iteration,
                          checkpointing.iteration_dir(ckpt.save, self.iteration))
             if exiting:
-                log.info("exiting at iteration %d (--exit-interval %d)", self.iteration, train.exit_interval)
+                result.exit_reason = exit_reason
+                log.info("exiting at iteration %d (%s)%s", self.iteration, exit_reason,
+                         "" if ckpt.save else "; no --save, so nothing was saved")
                 break
+        result.saved_at = saved_at
 
+    def _finish(self, result: TrainResult, log: TrainingLogger) -> TrainResult:
+        train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
         if self.iteration == train.train_iters and self.datasets.get("test") is not None and log_cfg.eval_iters:
             test_loss, tokens = self.evaluate("test")
             result.evaluations.append({"iteration": self.iteration, "split": "test",
                                        **log.evaluation(self.iteration, "test", test_loss, tokens)})
         result.iteration = self.iteration
         result.consumed_train_samples = self.consumed_train_samples
-        if saved_at is not None:
-            log.info("checkpoints: %s (latest iteration %d)", ckpt.save, saved_at)
+        if result.saved_at is not None:
+            log.info("checkpoints: %s (latest iteration %d)", ckpt.save, result.saved_at)
         if log_cfg.tensorboard_dir:
             log.info("TensorBoard logs: %s (tensorboard --logdir %s)", log_cfg.tensorboard_dir,
                      log_cfg.tensorboard_dir)
@@ -346,10 +425,26 @@ class Pretrainer:
         return result
 
 
-def resolved_data_paths(args) -> dict[str, Optional[str]]:
+def _real_data_path(value):
+    """A data argument as real paths: a prefix, or Megatron's list ``[PREFIX]`` / ``[W1, PREFIX1, ...]`` (the
+    weights kept as numbers, so a changed weight counts as other data)."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    if not values:
+        return None
+    resolved = []
+    for item in values:
+        try:
+            resolved.append(float(item))
+        except (TypeError, ValueError):
+            resolved.append(os.path.realpath(str(item)))
+    return resolved[0] if len(resolved) == 1 else resolved
+
+
+def resolved_data_paths(args) -> dict:
     """The data arguments as real paths (what checkpoints record in ``args.resolved_data_paths``)."""
-    return {name: (os.path.realpath(str(getattr(args, name))) if getattr(args, name, None) is not None else None)
-            for name in DATA_PATH_ARGS}
+    return {name: _real_data_path(getattr(args, name, None)) for name in DATA_PATH_ARGS}
 
 
 def check_same_data(saved_args, args, load: str, iteration) -> None:
@@ -383,7 +478,7 @@ def pretrain(config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None
         on_all_ranks(lambda: lock.acquire() if groups.rank == 0 else None, groups, LockError,
                      what="locking --save")
     try:
-        result = Pretrainer(config, groups).train()
+        result = Pretrainer(config, groups, start_time=started).train()
     finally:
         if lock is not None:
             lock.release()
