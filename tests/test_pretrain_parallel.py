@@ -53,7 +53,7 @@ def train_run(argv: list[str]) -> dict:
         torch.set_num_threads(threads)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "evaluations": result.evaluations,
             "rank": groups.rank, "coords": {a: groups.rank_in(a) for a in ("dp", "pp", "tp")},
-            "valid_unigram_perplexity": result.valid_unigram_perplexity}
+            "valid_unigram_perplexity": result.valid_unigram_perplexity, "exit_reason": result.exit_reason}
 
 
 @pytest.fixture(scope="module")

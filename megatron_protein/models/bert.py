@@ -391,7 +391,11 @@ class ProteinBertModel(nn.Module):
     the last stage returns the logits of those positions only, ``[n, padded_vocab / tp]`` in row-major order (so
     ``labels[prediction_mask]`` lines up with them, see :func:`predicted_labels`), and its last transformer layer
     computes queries, attention output, MLP and residuals only there; keys and values still come from every
-    position. The loss and every gradient are those of the dense model (the MLM loss reads nothing else); the
+    position. With dropout off (``hidden_dropout = attention_dropout = 0``, or in eval) the loss and every gradient
+    are those of the dense model (the MLM loss reads nothing else). With dropout on they are not: the last layer
+    draws its masks for ``[b, m, ...]`` tensors instead of ``[b, s, ...]`` ones, so the masks at the predicted
+    positions come from other random numbers (the same distribution, another sample; the streams after that
+    layer differ too). The
     last layer's and the head's work shrink to the masked fraction (15%), which saves about 0.7 / L of a step
     for L layers. (The MLM head at masked positions only is the "sparse prediction" of Geiping & Goldstein 2023,
     Cramming, arXiv:2212.14034; the last layer's queries follow from the same argument.)

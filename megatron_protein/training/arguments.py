@@ -158,8 +158,9 @@ class TrainConfig:
     exit_duration_in_mins: Optional[float] = None
     #: Save and stop at the end of the iteration during which the process received SIGTERM (Megatron's flag).
     exit_signal_handler: bool = False
-    # The last layer and the MLM head only at the masked positions (same loss and gradients, less work); see
-    # ProteinBertModel. --no-sparse-prediction computes them at every position.
+    # The last layer and the MLM head only at the masked positions (less work; the same loss and gradients when
+    # dropout is 0, the same distribution of them otherwise); see ProteinBertModel. --no-sparse-prediction
+    # computes them at every position.
     sparse_prediction: bool = True
     # A step whose loss or gradient is not finite on any rank is skipped on every rank (Megatron's
     # --check-for-nan-in-loss-and-grad); after this many consecutive skips the run stops with an error.
@@ -231,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "save a checkpoint and stop")
     g.add_argument("--no-sparse-prediction", action="store_false", dest="sparse_prediction",
                    help="compute the last layer and the MLM head at every position, not only at the masked ones "
-                        "(same loss and gradients, slower; for comparisons)")
+                        "(slower; with dropout 0 the same loss and gradients, with dropout other masks in the last layer)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     g.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")

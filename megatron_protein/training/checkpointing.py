@@ -479,11 +479,8 @@ def load_bert_weights_for_finetune(load: str, model: torch.nn.Module, args: argp
         diffs = [f"{name}: checkpoint {getattr(shape, name)}, arguments {getattr(args, name)}"
                  for name in FINETUNE_SHAPE if getattr(args, name, None) != getattr(shape, name)]
         if diffs:
-            raise CheckpointError(f"{checkpoint.source} has another model size than requested:
-  "
-                                  + "
-  ".join(diffs) + "
-Use the checkpoint's sizes.")
+            raise CheckpointError(f"{checkpoint.source} has another model size than requested:\n  "
+                                  + "\n  ".join(diffs) + "\nUse the checkpoint's sizes.")
         dropped = []
         if mc.TOKENTYPE_EMBEDDINGS in full:
             full[mc.POSITION_EMBEDDINGS] = full[mc.POSITION_EMBEDDINGS] + full.pop(mc.TOKENTYPE_EMBEDDINGS)[0]

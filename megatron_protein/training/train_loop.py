@@ -326,6 +326,12 @@ class Pretrainer:
         log.info("%s | this rank's model shard: %s parameters | global batch %d = micro %d x %d micro-batches x "
                  "dp %d | %d tokens per iteration", groups.describe(), f"{n_params:,}", train.global_batch_size,
                  train.micro_batch_size, self.num_micro_batches, groups.size("dp"), tokens_per_iteration)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", groups.world_size) or groups.world_size)
+        if 0 < per_node < groups.world_size:
+            spans = scg.nodes_spanned(groups.degrees, per_node)
+            log.info("rank order %s (outermost first), %d ranks per node: %s", ", ".join(groups.axes), per_node,
+                     ", ".join(f"{axis} groups span {spans[axis]} node{'s' if spans[axis] > 1 else ''}"
+                               for axis in groups.axes if groups.size(axis) > 1))
         if self.valid_unigram_perplexity is not None:
             log.info("unigram perplexity of the validation residues: %.3f", self.valid_unigram_perplexity)
             log.scalar("valid/unigram_perplexity", self.valid_unigram_perplexity, self.iteration)
