@@ -7,9 +7,12 @@ INSTALL_REQUIRES = [
     "numpy>=1.24",
     "sentencepiece>=0.2",
     "tensorboard>=2.14",
+    "matplotlib>=3.7",  # curves for the docs (bench/pretrain_curves.py)
     "tqdm>=4.66",
     "lmdb>=1.4",
     "scipy>=1.11",
+    # tape_tasks.attention_contacts: the L1 logistic regression on attention maps (Rao et al. 2020, as ESM fits it)
+    "scikit-learn>=1.3",
 ]
 
 EXTRAS = {

@@ -14,6 +14,13 @@ with the same budget and evaluated on the same test records:
 * ``random_init``: the same architecture (the converted ``config.json``) with TAPE's random initialisation;
 * ``onehot``: TAPE's baseline, the task head on one-hot residues.
 
+Contacts are also scored without finetuning, the way users of protein language models read them: the frozen
+network's attention maps, symmetrised and APC-corrected, and an L1 logistic regression fitted on 20 training
+proteins (Rao et al. 2021; ESM's contact head; :mod:`tape_tasks.attention_contacts`), for the pretrained and the
+random-init network (one-hot has no attention). Beside the table, the pretrained model's masked-position
+perplexity on the pretraining run's held-out sets, measured on the converted model by
+:mod:`megatron_protein.evaluate_mlm`, against the unigram perplexity of the same residues.
+
 Training and evaluation are ``tape_tasks``' ``run_train`` / ``run_eval`` (what ``finetune/tape_train.py`` and
 ``finetune/tape_eval.py`` run): AdamW, linear warm-up then constant learning rate, the whole network finetuned, and
 the checkpoint with the best validation loss kept (``--save_freq improvement``, TAPE's early-stopping practice).
@@ -113,6 +120,15 @@ BUDGETS: dict[str, TaskBudget] = {b.task: b for b in (
                test_splits=("test",), metrics=("spearmanr", "mse"),
                reported=(("test", "spearmanr", "Spearman rho"),), length_policy="filter"),
 )}
+
+#: A smaller budget for a loaded machine: the same tasks and test records as ``default``, a third of the finetuning
+#: steps (every model alike).
+SMALL = {name: dataclasses.replace(b, max_steps=max(10, b.max_steps // 3), warmup_steps=max(1, b.warmup_steps // 3))
+         for name, b in BUDGETS.items()}
+
+#: Training proteins the attention-contact regression is fitted on (Rao et al. 2021 fit theirs on 20).
+ATTENTION_CONTACT_PROTEINS = 20
+ATTENTION_CONTACT_RANGES = ("medium_long", "long", "all")
 
 #: A few steps on a few records per task: checks the whole script end to end in a couple of minutes.
 SMOKE = {name: dataclasses.replace(b, train_examples=48, valid_examples=16, max_steps=3, warmup_steps=1,
@@ -284,6 +300,59 @@ def run_one(budget: TaskBudget, model: str, pretrained_dir: str, data_dir: str, 
             "eval_wall_seconds": round(time.monotonic() - started, 1), "test": scores}
 
 
+def run_attention_contacts(model: str, pretrained_dir: str, data_dir: str, seed: int, proteins: int) -> dict:
+    """Unsupervised contacts of the frozen network (``pretrained`` weights or TAPE's random init of the same
+    config): L1 logistic regression on its attention maps, fitted on ``proteins`` training chains of the budgeted
+    contact data, scored on its test chains with the task's precision metric."""
+    from tape_tasks.attention_contacts import AttentionContactRegression, protein_features
+    from tape_tasks.config import ProteinBertConfig
+    from tape_tasks.datasets import ProteinnetDataset
+    from tape_tasks.metrics import contact_metrics
+    from tape_tasks.model import ProteinBertModel
+
+    started = time.monotonic()
+    if model == "pretrained":
+        backbone = ProteinBertModel.from_pretrained(pretrained_dir)
+    else:
+        torch.manual_seed(seed)
+        backbone = ProteinBertModel(ProteinBertConfig.from_pretrained(pretrained_dir))
+    folder = FOLDERS["contact_prediction"]
+    train = ProteinnetDataset(open_split(data_dir, folder, folder, "train", data_format="json"))
+    test = ProteinnetDataset(open_split(data_dir, folder, folder, "test", data_format="json"))
+    chosen = sorted(random.Random(seed).sample(range(len(train)), min(proteins, len(train))))
+    features, targets, _ = protein_features(backbone, train, chosen)
+    regression = AttentionContactRegression().fit(features, targets, seed=seed)
+    features, targets, lengths = protein_features(backbone, test, range(len(test)))
+    predictions = [regression.predict(f) for f in features]
+    scores = contact_metrics(predictions, targets, lengths, names=("precision_at_l5", "precision_at_l"),
+                             ranges=ATTENTION_CONTACT_RANGES)
+    scores["num_examples"] = len(predictions)
+    return {"task": "attention_contacts", "model": model, "fitted_on": regression.fitted_on, "test": {"test": scores},
+            "wall_seconds": round(time.monotonic() - started, 1)}
+
+
+def pretrained_mlm_metrics(checkpoint_info: dict, pretrained_dir: str, seed: int = 1234, passes: int = 2) -> dict:
+    """Masked-position perplexity of the converted model on the pretraining run's held-out test sets (held-out
+    families, held-out sequences of training families), by ``megatron_protein.evaluate_mlm``."""
+    from megatron_protein.data.indexed_dataset import MMapIndexedDataset, dataset_exists
+    from megatron_protein.evaluate_mlm import evaluate, load_model
+    from megatron_protein.training.pretrain_data import residue_counts
+
+    prefix = checkpoint_info.get("data_path")
+    if not prefix or not dataset_exists(f"{prefix}_train"):
+        return {}
+    model = load_model(pretrained_dir)
+    counts = residue_counts(MMapIndexedDataset(f"{prefix}_train"))
+    out = {}
+    for split, title in (("test", "held-out families"), ("test_infamily", "held-out sequences of training families")):
+        if dataset_exists(f"{prefix}_{split}"):
+            result = evaluate(model, MMapIndexedDataset(f"{prefix}_{split}"), seed=seed, passes=passes,
+                              train_counts=counts)
+            out[split] = {"title": title, "sequences": result["sequences"], "passes": passes,
+                          **{k: v for k, v in result["metrics"].items() if k.startswith("masked_")}}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -310,8 +379,19 @@ def markdown(report: dict) -> str:
         "| task | metric | test set (records used) | pretrained (converted) | random init | one-hot |",
         "|---|---|---|---|---|---|",
     ]
+    attention = {r["model"]: r for r in report.get("attention_contacts", [])}
     for name, budget in report["budgets"].items():
         data = report["data"][name]
+        if name == "contact_prediction" and attention:
+            any_run = next(iter(attention.values()))
+            for key, label in ((P_AT_L5_MEDIUM_LONG, "P@L/5, medium+long range (separation >= 12)"),
+                               ("precision_at_l5[long 24+]", "P@L/5, long range (separation >= 24)")):
+                cells = [_fmt(attention[m]["test"]["test"].get(key)) if m in attention else
+                         ("n/a (no attention)" if m == "onehot" else "not run") for m in MODELS]
+                lines.append(f"| Contacts, unsupervised: L1 logistic regression on APC-corrected attention maps "
+                             f"(Rao et al. 2021), fitted on {any_run['fitted_on']['proteins']} training chains, "
+                             f"network frozen | {label} | test ({any_run['test']['test']['num_examples']:,} chains) | "
+                             + " | ".join(cells) + " |")
         for split, key, label in budget["reported"]:
             cells = []
             for model in MODELS:
@@ -334,6 +414,18 @@ def markdown(report: dict) -> str:
         f"converted with the converter (output checked against the Megatron model). Random init: the same "
         f"`config.json`, TAPE initialisation. One-hot: TAPE's baseline.",
         "",
+    ]
+    for split, m in (pre.get("mlm") or {}).items():
+        lines.append(
+            f"Pretrained model's masked-position perplexity on the pretraining run's {m['title']} ({split}, "
+            f"{m['sequences']:,} sequences, {m['masked_tokens']:,} `<mask>` positions over {m['passes']} maskings, "
+            f"`python -m megatron_protein.evaluate_mlm` on the converted model): {m['masked_perplexity']:.3f} "
+            f"against a unigram perplexity of {m['masked_unigram_own_perplexity']:.3f} (the residues' own "
+            f"frequencies) / {m['masked_unigram_train_perplexity']:.3f} (training frequencies): "
+            f"{100 * m['masked_below_unigram_own']:.1f}% / {100 * m['masked_below_unigram_train']:.1f}% below.")
+    if pre.get("mlm"):
+        lines.append("")
+    lines += [
         "Finetuning budget (the same for the three models; whole network trained; AdamW, linear warm-up then "
         "constant lr; the checkpoint with the best validation loss is scored). Proteins longer than "
         f"{report['max_residues']} residues (the pretrained position table) are cut into windows (secondary "
@@ -384,8 +476,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--budget smoke: WORK_DIR/smoke, so a smoke run never replaces the table)")
     parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "tape_results"),
                         help="converted model, derived data, finetuned runs, TensorBoard logs")
-    parser.add_argument("--budget", choices=["default", "smoke"], default="default",
-                        help="default: the table's budget (BUDGETS); smoke: a few steps per run")
+    parser.add_argument("--budget", choices=["default", "small", "smoke"], default="default",
+                        help="default: the table's budget (BUDGETS); small: a third of its steps (SMALL); smoke: a "
+                             "few steps per run")
+    parser.add_argument("--attention-contact-proteins", type=int, default=ATTENTION_CONTACT_PROTEINS,
+                        help="training chains the unsupervised attention-contact regression is fitted on "
+                             "(0: skip it)")
     parser.add_argument("--tasks", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--seed", type=int, default=42)
@@ -402,9 +498,9 @@ def main(argv=None) -> dict:
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"tape_results: no pretraining checkpoint at {args.checkpoint}; run "
                          f"'bash scripts/pretrain_pfam.sh' first or pass --checkpoint SAVE_DIR")
-    budgets = BUDGETS if args.budget == "default" else SMOKE
+    budgets = {"default": BUDGETS, "small": SMALL, "smoke": SMOKE}[args.budget]
     if args.out_dir is None:
-        args.out_dir = (os.path.join(REPO, "bench", "results") if args.budget == "default"
+        args.out_dir = (os.path.join(REPO, "bench", "results") if args.budget != "smoke"
                         else os.path.join(args.work_dir, "smoke"))
     started = time.monotonic()
     os.makedirs(args.work_dir, exist_ok=True)
@@ -413,6 +509,11 @@ def main(argv=None) -> dict:
     logger.info("converting %s -> %s", args.checkpoint, pretrained_dir)
     pretrained = convert_pretrained(args.checkpoint, pretrained_dir)
     max_residues = pretrained["max_position_embeddings"] - 2
+    pretrained["mlm"] = pretrained_mlm_metrics(pretrained, pretrained_dir)
+    for split, m in pretrained["mlm"].items():
+        logger.info("pretrained model on %s (%s): masked-position perplexity %.3f, unigram %.3f (own) / %.3f "
+                    "(training frequencies)", split, m["title"], m["masked_perplexity"],
+                    m["masked_unigram_own_perplexity"], m["masked_unigram_train_perplexity"])
 
     data_dir = os.path.join(args.work_dir, "data")
     data_stats = {}
@@ -423,6 +524,7 @@ def main(argv=None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(os.path.join(args.work_dir, "tensorboard", "tape_results"))
     runs: list[dict] = []
+    attention_runs: list[dict] = []
     load_at_start = os.getloadavg()[0]
 
     def write_report(complete: bool) -> tuple[dict, str]:
@@ -436,7 +538,7 @@ def main(argv=None) -> dict:
             "load_average_1min": {"start": round(load_at_start, 1), "end": round(os.getloadavg()[0], 1)},
             "data_dir": os.path.abspath(args.data_dir), "max_residues": max_residues, "pretrained": pretrained,
             "budgets": {name: dataclasses.asdict(budgets[name]) for name in args.tasks}, "data": data_stats,
-            "runs": runs, "wall_seconds": round(time.monotonic() - started, 1),
+            "runs": runs, "attention_contacts": attention_runs, "wall_seconds": round(time.monotonic() - started, 1),
         }
         table = markdown(report)
         _write_json(os.path.join(args.out_dir, "tape_results.json"), report, indent=2)
@@ -445,6 +547,16 @@ def main(argv=None) -> dict:
             f.write(table)
         os.replace(f"{md_path}.tmp", md_path)
         return report, table
+
+    if "contact_prediction" in args.tasks and args.attention_contact_proteins > 0:
+        for model in [m for m in args.models if m != "onehot"]:
+            run = run_attention_contacts(model, pretrained_dir, data_dir, args.seed, args.attention_contact_proteins)
+            attention_runs.append(run)
+            logger.info("attention contacts / %s (fitted on %d chains, %d non-zero coefficients): %s in %s", model,
+                        run["fitted_on"]["proteins"], run["fitted_on"]["nonzero_coefficients"],
+                        "; ".join(f"{k} {_fmt(v)}" for k, v in run["test"]["test"].items() if "l5" in k),
+                        _minutes(run["wall_seconds"]))
+            write_report(complete=False)
 
     plan = [(name, model) for name in args.tasks for model in args.models]
     for index, (name, model) in enumerate(plan):

@@ -20,15 +20,18 @@ def sample_sequences(limit: int) -> list[str]:
     return [record.sequence for record in itertools.islice(read_fasta(SAMPLE_FASTA), limit)]
 
 
-def write_pretraining_data(directory: str, train: int = 100, valid: int = 20) -> str:
-    """PREFIX_{train,valid}.{bin,idx}: the first ``train`` + ``valid`` sample domains as TAPE ids; returns PREFIX."""
+def write_pretraining_data(directory: str, train: int = 100, valid: int = 20, valid_infamily: int = 0) -> str:
+    """PREFIX_{train,valid}.{bin,idx} (and PREFIX_valid_infamily when ``valid_infamily`` > 0): the first ``train`` +
+    ``valid`` (+ ``valid_infamily``) sample domains as TAPE ids, in that order; returns PREFIX."""
     from megatron_protein.data.indexed_dataset import make_dataset
     from megatron_protein.data.tokenizer import IUPACTokenizer
     tokenizer = IUPACTokenizer()
-    encoded = [tokenizer.encode(s) for s in sample_sequences(train + valid)]
+    encoded = [tokenizer.encode(s) for s in sample_sequences(train + valid + valid_infamily)]
     prefix = os.path.join(directory, "pfam")
     make_dataset(prefix + "_train", encoded[:train])
-    make_dataset(prefix + "_valid", encoded[train:])
+    make_dataset(prefix + "_valid", encoded[train:train + valid])
+    if valid_infamily:
+        make_dataset(prefix + "_valid_infamily", encoded[train + valid:])
     return prefix
 
 

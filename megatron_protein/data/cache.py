@@ -6,7 +6,8 @@ prints the indexed-dataset prefix to give ``--data-path`` (the last line of its 
 cache does not hold it yet. ``scripts/pretrain_pfam.sh`` uses it.
 
 The key is a hash of the input's real path, size and modification time (of every file inside, for an LMDB
-directory), the split fractions, the seed and the tokenizer (and its model file's identity): another input, a
+directory), the split fractions (families and in-family held-out sequences), the seed and the tokenizer (and its
+model file's identity): another input, a
 changed input, or another split gets another directory, ``CACHE_DIR/<input name>-<key>/``. A directory is used only
 when its completion stamp ``COMPLETE`` (written last, after every output and the summary, and fsynced) records the
 same key, so a preprocessing that was killed half-way (say, with only ``_train`` written) is run again, not
@@ -49,14 +50,26 @@ def _identity(path: str) -> dict:
     return {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _holdout(holdout: Optional[str]) -> Optional[str]:
+    """``--holdout-sequences`` normalised: None when absent or all zero."""
+    if not holdout:
+        return None
+    from megatron_protein.data.preprocess import parse_holdout
+
+    values = parse_holdout(holdout)
+    return ",".join(f"{v:g}" for v in values) if sum(values) > 0 else None
+
+
 def cache_key(input_path: str, split: Optional[str], seed: int, tokenizer_type: str,
-              tokenizer_model: Optional[str] = None) -> tuple[str, dict]:
+              tokenizer_model: Optional[str] = None, holdout: Optional[str] = None) -> tuple[str, dict]:
     """(hex key, the description it hashes) of the preprocessed data made from these inputs."""
     if not os.path.exists(input_path):
         raise FileNotFoundError(2, "no such file or directory (the INPUT to preprocess)", input_path)
     description = {"format_version": FORMAT_VERSION, "input": _identity(input_path), "split_by_family": split,
                    "seed": seed, "tokenizer_type": tokenizer_type,
                    "tokenizer_model": _identity(tokenizer_model) if tokenizer_model else None}
+    if _holdout(holdout):
+        description["holdout_sequences"] = _holdout(holdout)
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
     return digest, description
 
@@ -83,12 +96,12 @@ def is_complete(prefix: str, key: str) -> bool:
 
 def prepare(input_path: str, cache_dir: str, split: Optional[str] = "0.9,0.05,0.05", seed: int = 1234,
             tokenizer_type: str = "iupac", tokenizer_model: Optional[str] = None, workers: int = 1,
-            wait_seconds: float = 0.0, progress: bool = True) -> str:
+            wait_seconds: float = 0.0, progress: bool = True, holdout: Optional[str] = None) -> str:
     """The prefix of the preprocessed data of these inputs; preprocessed now unless the cache holds it complete
     (with ``wait_seconds`` > 0: wait that long for another process to complete it instead)."""
-    from megatron_protein.data.preprocess import format_summary, parse_fractions, preprocess
+    from megatron_protein.data.preprocess import format_summary, parse_fractions, parse_holdout, preprocess
 
-    key, description = cache_key(input_path, split, seed, tokenizer_type, tokenizer_model)
+    key, description = cache_key(input_path, split, seed, tokenizer_type, tokenizer_model, holdout)
     prefix = cache_prefix(cache_dir, input_path, key)
     if is_complete(prefix, key):
         logger.info("using the preprocessed data in %s (key %s)", os.path.dirname(prefix), key)
@@ -98,7 +111,7 @@ def prepare(input_path: str, cache_dir: str, split: Optional[str] = "0.9,0.05,0.
         while time.monotonic() < deadline:
             if is_complete(prefix, key):
                 return prefix
-            time.sleep(2.0)
+            time.sleep(max(0.0, min(2.0, deadline - time.monotonic())))
         raise errors.ConfigError(f"{os.path.join(os.path.dirname(prefix), STAMP)}: the preprocessed data of "
                                  f"{input_path} did not appear within {wait_seconds:g} s (node 0 prepares it)")
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
@@ -106,8 +119,10 @@ def prepare(input_path: str, cache_dir: str, split: Optional[str] = "0.9,0.05,0.
     if os.path.exists(stamp):
         os.remove(stamp)  # another key's stamp (cannot happen by construction) or an unreadable one
     logger.info("preprocessing %s -> %s (key %s)", input_path, prefix, key)
+    holdout = _holdout(holdout)
     summary = preprocess([input_path], prefix,
-                         split_by_family=parse_fractions(split, "--split-by-family") if split else None, seed=seed,
+                         split_by_family=parse_fractions(split, "--split-by-family") if split else None,
+                         holdout_sequences=parse_holdout(holdout) if holdout else None, seed=seed,
                          workers=workers, tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                          progress=progress)
     logger.info("%s", format_summary(summary))
@@ -121,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--input", required=True)
     p.add_argument("--cache-dir", required=True)
     p.add_argument("--split-by-family", default="0.9,0.05,0.05")
+    p.add_argument("--holdout-sequences", default=None, metavar="VALID,TEST",
+                   help="in-family held-out sequences (preprocess's flag); 0,0 or absent: none")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tokenizer-type", default="iupac")
     p.add_argument("--tokenizer-model", default=None)
@@ -131,7 +148,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     prefix = prepare(args.input, args.cache_dir, args.split_by_family or None, args.seed, args.tokenizer_type,
-                     args.tokenizer_model, args.workers, args.wait_seconds, progress=not args.no_progress)
+                     args.tokenizer_model, args.workers, args.wait_seconds, progress=not args.no_progress,
+                     holdout=args.holdout_sequences)
     print(prefix)
     return 0
 

@@ -14,7 +14,12 @@ Masking follows BERT (Devlin et al. 2019, section 3.1): each residue is chosen f
 ``mask_prob`` (0.15); a chosen residue becomes ``<mask>`` with probability 0.8, a random standard amino acid with
 0.1, and stays itself with 0.1. Only residue letters are ever chosen: ``<cls>``, ``<sep>``, ``<pad>`` and
 ``<unk>`` never are (TAPE's ``MaskedLanguageModelingDataset`` could mask ``<cls>``/``<sep>``; this one cannot). At
-least one residue is chosen in every sample so no sample has an empty loss.
+least one residue is chosen in every sample so no sample has an empty loss. Each sample records, per position,
+which of the three a predicted residue went through (``prediction_kind``: :data:`PREDICTED_AS_MASK`,
+:data:`PREDICTED_AS_RANDOM`, :data:`PREDICTED_AS_KEPT`; :data:`NOT_PREDICTED` elsewhere), so that evaluation can
+score the ``<mask>`` positions apart from the kept ones, whose input shows the answer (see
+``megatron_protein.training.mlm_metrics``). A random replacement may draw the original residue (as in BERT); it
+still counts as randomised, since the model could not know it was not a substitution.
 
 Determinism: the order of sequences (one shuffled permutation per epoch) is the *index map*, built once from the
 seed and cached as ``.npy`` next to the data (written atomically), so a restarted job and every rank read the same
@@ -37,6 +42,8 @@ from .tokenizer import IUPACTokenizer
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+#: ``prediction_kind`` values: what the input showed at a position whose residue is predicted.
+NOT_PREDICTED, PREDICTED_AS_MASK, PREDICTED_AS_RANDOM, PREDICTED_AS_KEPT = 0, 1, 2, 3
 _TOK = IUPACTokenizer  # the special ids are the shared convention for every tokenizer
 NUM_SPECIAL_TOKENS = 5
 
@@ -59,7 +66,9 @@ class MLMDataset(torch.utils.data.Dataset):
 
     Item ``i`` is a dict of tensors, each of length ``seq_length``:
     ``tokens`` int64, ``labels`` int64 (original id where predicted, -100 elsewhere), ``loss_mask`` float32,
-    ``padding_mask`` bool (True at real tokens), ``position_ids`` int64, ``segment_ids`` int64.
+    ``padding_mask`` bool (True at real tokens), ``position_ids`` int64, ``segment_ids`` int64,
+    ``prediction_kind`` int64 (:data:`NOT_PREDICTED`, or what the input shows at a predicted residue:
+    :data:`PREDICTED_AS_MASK` / :data:`PREDICTED_AS_RANDOM` / :data:`PREDICTED_AS_KEPT`).
     """
 
     def __init__(self, indexed_dataset: MMapIndexedDataset, seq_length: int, num_samples: int, seed: int,
@@ -201,7 +210,7 @@ class MLMDataset(torch.utils.data.Dataset):
             cursor += n
         if not self.packed:
             position_ids = np.arange(L, dtype=np.int64)  # as Megatron/TAPE: positions run on through padding
-        tokens, labels = self._mask(tokens, rng)
+        tokens, labels, kind = self._mask(tokens, rng)
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
@@ -209,10 +218,11 @@ class MLMDataset(torch.utils.data.Dataset):
             "padding_mask": torch.from_numpy(segment_ids != 0),
             "position_ids": torch.from_numpy(position_ids),
             "segment_ids": torch.from_numpy(segment_ids),
+            "prediction_kind": torch.from_numpy(kind),
         }
 
-    def _mask(self, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """BERT 80/10/10 masking over residue positions only; returns (input tokens, labels)."""
+    def _mask(self, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """BERT 80/10/10 masking over residue positions only; returns (input tokens, labels, prediction kind)."""
         candidates = tokens >= NUM_SPECIAL_TOKENS
         chosen = (rng.random(len(tokens)) < self.mask_prob) & candidates
         if not chosen.any():
@@ -226,7 +236,11 @@ class MLMDataset(torch.utils.data.Dataset):
         out = tokens.copy()
         out[to_mask] = _TOK.mask_id
         out[to_random] = rng.choice(self.random_token_ids, size=int(to_random.sum()))
-        return out, labels
+        kind = np.full(len(tokens), NOT_PREDICTED, dtype=np.int64)
+        kind[chosen] = PREDICTED_AS_KEPT
+        kind[to_mask] = PREDICTED_AS_MASK
+        kind[to_random] = PREDICTED_AS_RANDOM
+        return out, labels, kind
 
 
 def _save_npy_atomic(path: str, array: np.ndarray) -> None:

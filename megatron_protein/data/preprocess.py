@@ -21,8 +21,16 @@ of records or on ``--workers``, and are reproducible by ``--seed``:
   holdout): the split of ``blake2b(family, key=seed)``. The fractions are fractions of families.
 * ``--split-random TRAIN,VALID,TEST``: each record by ``blake2b(name + sequence, key=seed)`` (identical records
   land in the same split, so exact duplicates cannot leak between splits).
+* ``--holdout-sequences VALID,TEST`` (with ``--split-by-family``): of the records of the *training* families, these
+  fractions go to ``PREFIX_valid_infamily`` and ``PREFIX_test_infamily``, drawn per record by
+  ``blake2b(sequence, key=seed + 1)``: the second held-out set, sequences of families the model trains on (what
+  TAPE's and ProteinLM's Pfam validation sets measure), beside the held-out families. Keyed on the sequence alone,
+  so copies of one sequence under different names never straddle training and held-out. Every training family
+  keeps these fractions in expectation; a family of n sequences holds none out with probability
+  (1 - VALID - TEST)^n.
 
-Outputs ``PREFIX_{train,valid,test}.{bin,idx}`` when splitting (``PREFIX.{bin,idx}`` otherwise) and
+Outputs ``PREFIX_{train,valid,test}.{bin,idx}`` when splitting (and ``PREFIX_{valid,test}_infamily`` with
+``--holdout-sequences``) (``PREFIX.{bin,idx}`` otherwise) and
 ``PREFIX_summary.json``: sequences, residues, unknown residues, dropped records with the reason, length histogram.
 Every file is written under a temporary name and renamed when complete; an error leaves nothing behind, and so do
 SIGTERM, SIGHUP and SIGINT (the temporary files are removed before the process exits).
@@ -61,6 +69,7 @@ from megatron_protein.utils.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "valid", "test")
+INFAMILY_SPLIT_NAMES = ("valid_infamily", "test_infamily")
 # Length histogram bin edges (residues): [1,32), [32,64), ... , [4096, inf)
 HISTOGRAM_EDGES = (1, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 PARTITIONS_PER_WORKER = 4  # more ranges than workers, so a slow range does not idle the others
@@ -82,6 +91,18 @@ def parse_fractions(text: str, flag: str) -> tuple[float, float, float]:
     return tuple(v / total for v in values)  # type: ignore[return-value]
 
 
+def parse_holdout(text: str) -> tuple[float, float]:
+    """``--holdout-sequences VALID,TEST``: two fractions (of each training family's records), not renormalised."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise errors.ConfigError(f"--holdout-sequences expects two numbers like 0.05,0.05, got {text!r}") from None
+    if len(values) != 2 or min(values) < 0 or sum(values) >= 1:
+        raise errors.ConfigError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, got "
+                                 f"{text!r}")
+    return values  # type: ignore[return-value]
+
+
 def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> int:
     """Split index (0 train, 1 valid, 2 test) of ``key``: a uniform draw from a keyed hash, cut by fractions."""
     digest = hashlib.blake2b(key.encode("latin-1", errors="replace"), digest_size=8,
@@ -94,6 +115,7 @@ def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> int:
 class Options:
     split_by_family: tuple[float, float, float] | None = None
     split_random: tuple[float, float, float] | None = None
+    holdout_sequences: tuple[float, float] | None = None  # (valid, test) fractions of training-family records
     seed: int = 1234
     tokenizer_type: str = "iupac"
     tokenizer_model: str | None = None
@@ -182,6 +204,12 @@ class _Converter:
         elif o.split_random:
             for j in np.flatnonzero(keep):
                 split[j] = split_of(batch[j].name + "\0" + batch[j].sequence, o.seed, o.split_random)
+        if o.holdout_sequences:
+            valid, test = o.holdout_sequences
+            for j in np.flatnonzero(keep & (split == 0)):
+                held = split_of(batch[j].sequence, o.seed + 1, (1.0 - valid - test, valid, test))
+                if held:
+                    split[j] = len(SPLIT_NAMES) - 1 + held  # 3 = valid_infamily, 4 = test_infamily
         split[~keep] = -1
         return split
 
@@ -211,7 +239,10 @@ class _Converter:
 
 
 def _output_names(prefix: str, options: Options) -> list[str]:
-    return [f"{prefix}_{s}" for s in SPLIT_NAMES] if options.splitting else [prefix]
+    if not options.splitting:
+        return [prefix]
+    names = SPLIT_NAMES + (INFAMILY_SPLIT_NAMES if options.holdout_sequences else ())
+    return [f"{prefix}_{s}" for s in names]
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -255,9 +286,10 @@ def _convert_partition(path: str, input_format: str, part: ByteRange, options: O
 
 
 # ------------------------------------------------------------------------------------------------ main side
-def stale_temp_patterns(output_prefix: str, splitting: bool) -> list[str]:
-    """Regular expressions of the temporary file names a run on ``output_prefix`` creates (builders and summary)."""
-    names = [f"{output_prefix}_{s}" for s in SPLIT_NAMES] if splitting else [output_prefix]
+def stale_temp_patterns(output_prefix: str) -> list[str]:
+    """Regular expressions of the temporary file names any run on ``output_prefix`` creates (builders and summary),
+    whatever its split options."""
+    names = [output_prefix] + [f"{output_prefix}_{s}" for s in SPLIT_NAMES + INFAMILY_SPLIT_NAMES]
     patterns = [rf"\.{re.escape(os.path.basename(n))}\.{fs.MKSTEMP_RANDOM}\.(bin|sizes|docs|idx)\.tmp"
                 for n in names]
     patterns.append(rf"{re.escape(os.path.basename(output_prefix))}_summary\.json\.{fs.MKSTEMP_RANDOM}\.tmp")
@@ -280,7 +312,8 @@ def check_inputs(inputs: list[str], input_format: str | None) -> list[str]:
 
 def preprocess(inputs: list[str], output_prefix: str, input_format: str | None = None,
                split_by_family: tuple[float, float, float] | None = None,
-               split_random: tuple[float, float, float] | None = None, seed: int = 1234, workers: int = 1,
+               split_random: tuple[float, float, float] | None = None,
+               holdout_sequences: tuple[float, float] | None = None, seed: int = 1234, workers: int = 1,
                tokenizer_type: str = "iupac", tokenizer_model: str | None = None, min_length: int = 1,
                max_length: int | None = None, batch_size: int = 2048, progress: bool = True) -> dict:
     """Run the conversion; returns the summary dict (also written to ``PREFIX_summary.json``).
@@ -289,22 +322,33 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
     files on an error or on SIGTERM/SIGHUP/SIGINT (see the module docstring)."""
     if split_by_family and split_random:
         raise errors.ConfigError("choose one of --split-by-family and --split-random")
+    if holdout_sequences is not None:
+        if not split_by_family:
+            raise errors.ConfigError("--holdout-sequences holds out sequences of the training families: it needs "
+                                     "--split-by-family")
+        holdout_sequences = tuple(float(v) for v in holdout_sequences)
+        if len(holdout_sequences) != 2 or min(holdout_sequences) < 0 or sum(holdout_sequences) >= 1:
+            raise errors.ConfigError(f"--holdout-sequences expects VALID,TEST fractions >= 0 with a sum below 1, "
+                                     f"got {holdout_sequences}")
+        if sum(holdout_sequences) == 0:
+            holdout_sequences = None
     if isinstance(inputs, str):
         inputs = [inputs]
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     with OutputLock(output_prefix, "--output-prefix"), errors.terminate_on_signals():
-        fs.remove_stale_temp_files(out_dir, stale_temp_patterns(output_prefix, bool(split_by_family or split_random)))
+        fs.remove_stale_temp_files(out_dir, stale_temp_patterns(output_prefix))
         formats = check_inputs(inputs, input_format)
-        return _preprocess(inputs, formats, output_prefix, split_by_family, split_random, seed, workers,
-                           tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress)
+        return _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences, seed,
+                           workers, tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress)
 
 
 def _check_outputs(inputs: list[str], per_input: dict, names: list[str], progress: "Progress",
-                   fractions: tuple[float, float, float] | None, by_family: bool) -> None:
+                   fractions: tuple[float, ...] | None, by_family: bool) -> None:
     for path in inputs:
         if per_input.get(path, 0) == 0:
             raise PreprocessError(f"{path}: no records found; expected at least one sequence record")
     dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(progress.dropped.items())) or "none"
+    split_names = SPLIT_NAMES + INFAMILY_SPLIT_NAMES
     for k, (name, stats) in enumerate(zip(names, progress.stats)):
         if stats.sequences:
             continue
@@ -313,19 +357,22 @@ def _check_outputs(inputs: list[str], per_input: dict, names: list[str], progres
         if fractions is None or sum(s.sequences for s in progress.stats) == 0:
             raise PreprocessError(f"{', '.join(inputs)}: no sequence was kept for {name}: {progress.records_read} "
                                   f"record(s) read, dropped: {dropped}")
-        unit = "families" if by_family else "records"
-        total = (len(set().union(*(s.families for s in progress.stats))) if by_family
-                 else sum(s.sequences for s in progress.stats))
+        if k >= len(SPLIT_NAMES):  # in-family held-out sequences: a fraction of each training family's records
+            unit, total = "training-family records", progress.stats[0].sequences
+        elif by_family:
+            unit, total = "families", len(set().union(*(s.families for s in progress.stats)))
+        else:
+            unit, total = "records", sum(s.sequences for s in progress.stats)
         raise PreprocessError(
-            f"{', '.join(inputs)}: the {SPLIT_NAMES[k]} split ({name}) would be empty although it gets "
+            f"{', '.join(inputs)}: the {split_names[k]} split ({name}) would be empty although it gets "
             f"{fractions[k]:.3g} of the {unit}: the input has only {total} {unit}; use a larger input, another "
             f"--seed, or give that split the fraction 0")
 
 
-def _preprocess(inputs, formats, output_prefix, split_by_family, split_random, seed, workers, tokenizer_type,
-                tokenizer_model, min_length, max_length, batch_size, progress) -> dict:
-    options = Options(split_by_family, split_random, seed, tokenizer_type, tokenizer_model, min_length, max_length,
-                      batch_size)
+def _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences, seed, workers,
+                tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress) -> dict:
+    options = Options(split_by_family, split_random, holdout_sequences, seed, tokenizer_type, tokenizer_model,
+                      min_length, max_length, batch_size)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     dtype = best_fitting_dtype(tokenizer.vocab_size)
     names = _output_names(output_prefix, options)
@@ -401,15 +448,18 @@ def _preprocess(inputs, formats, output_prefix, split_by_family, split_random, s
                     report(len(done))
         while pending_parts:
             merge_next_part()
-        _check_outputs(inputs, per_input, names, converter.progress, split_by_family or split_random,
-                       bool(split_by_family))
+        fractions = split_by_family or split_random
+        if fractions is not None and holdout_sequences:
+            fractions = tuple(fractions) + tuple(holdout_sequences)
+        _check_outputs(inputs, per_input, names, converter.progress, fractions, bool(split_by_family))
         elapsed = time.perf_counter() - start
         p = converter.progress
         total_residues = sum(s.residues for s in p.stats)
         summary = {
             "inputs": list(inputs), "output_prefix": output_prefix, "seed": seed,
             "split": ("by-family" if split_by_family else "random" if split_random else None),
-            "fractions": list(split_by_family or split_random or []) or None, "tokenizer": tokenizer_type,
+            "fractions": list(split_by_family or split_random or []) or None,
+            "holdout_sequences": list(holdout_sequences) if holdout_sequences else None, "tokenizer": tokenizer_type,
             "dtype": np.dtype(dtype).name, "workers": workers, "records_read": p.records_read,
             "dropped": dict(sorted(p.dropped.items())), "seconds": round(elapsed, 3),
             "residues_per_second": round(total_residues / max(elapsed, 1e-9)),
@@ -465,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hold out whole families, e.g. 0.9,0.05,0.05 (fractions of families)")
     split.add_argument("--split-random", default=None, metavar="TRAIN,VALID,TEST",
                        help="split records at random, e.g. 0.98,0.01,0.01")
+    p.add_argument("--holdout-sequences", default=None, metavar="VALID,TEST",
+                   help="with --split-by-family: also hold out these fractions of the training families' sequences "
+                        "as PREFIX_valid_infamily / PREFIX_test_infamily, e.g. 0.05,0.05")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (uncompressed FASTA/Stockholm: each parses a part of the file)")
@@ -509,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         args.input, args.output_prefix, args.input_format,
         split_by_family=parse_fractions(args.split_by_family, "--split-by-family") if args.split_by_family else None,
         split_random=parse_fractions(args.split_random, "--split-random") if args.split_random else None,
+        holdout_sequences=parse_holdout(args.holdout_sequences) if args.holdout_sequences else None,
         seed=args.seed, workers=args.workers, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, min_length=args.min_length, max_length=args.max_length,
         batch_size=args.batch_size, progress=not args.no_progress)

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     p.add_argument("--max-sentences", type=int, default=1_000_000, help="train on at most this many sequences")
     p.add_argument("--seed", type=int, default=1234)
-    args = p.parse_args(argv)
+    from megatron_protein.utils import errors
+
+    args = errors.one_line_parse_errors(p).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     path = train_sentencepiece(args.input, args.model_prefix, args.vocab_size, args.model_type, args.input_format,
                                args.max_sentences, seed=args.seed)
@@ -79,4 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_protein.utils.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -35,11 +35,13 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_protein.utils.errors import UserError
+
 #: The axis that replicates the model; every other axis splits it (and together they form the 'mp' group).
 DATA_PARALLEL_AXIS = "dp"
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(UserError, ValueError):
     """The requested degrees cannot be laid out on the world size (raised before any collective runs)."""
 
 
@@ -194,13 +196,14 @@ def _single_process(axes: tuple[str, ...], degrees: dict[str, int]) -> ParallelG
 def init_process_group(
     parallel_degree: Sequence[tuple[str, Optional[int]]] = (("dp", None),),
     backend: Optional[str] = None,
-    timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+    timeout: datetime.timedelta = datetime.timedelta(minutes=10),
 ) -> ParallelGroups:
     """Build every group of ``parallel_degree`` and make the result :func:`current`.
 
     Under torchrun (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set) or after the caller's own
     ``torch.distributed.init_process_group``, the default group is created or reused; in a plain single process
-    no process group is created. ``backend`` defaults to NCCL with a GPU and gloo without.
+    no process group is created. ``backend`` defaults to NCCL with a GPU and gloo without. ``timeout`` bounds how
+    long a collective waits for the other ranks (Megatron's ``--distributed-timeout-minutes``, default 10).
 
     Besides one group per axis, two compound groups are made: ``'mp'`` (every axis but ``dp``: the ranks that hold
     one replica of the model, over which a global gradient norm is summed) and ``'world'``. When a ``pp`` axis of

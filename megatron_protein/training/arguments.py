@@ -63,6 +63,8 @@ class DataConfig:
     split: str = "949,50,1"
     seq_length: int = 512
     mask_prob: float = 0.15
+    mask_token_prob: float = 0.8     # of the chosen residues: shown as <mask>
+    random_token_prob: float = 0.1   # ... shown as a random residue (the rest are kept)
     pack_sequences: bool = False
     data_cache_path: Optional[str] = None
     seed: int = 1234
@@ -71,6 +73,10 @@ class DataConfig:
         if self.data_path is None and self.data_blend is None and self.train_data_path is None:
             raise ValueError("give --data-path PREFIX (or --train-data-path)")
         split_weights(self.split)
+        if not (0.0 <= self.mask_token_prob <= 1.0 and 0.0 <= self.random_token_prob <= 1.0
+                and self.mask_token_prob + self.random_token_prob <= 1.0):
+            raise ValueError(f"--mask-token-prob {self.mask_token_prob} and --random-token-prob "
+                             f"{self.random_token_prob} must be in [0, 1] with a sum <= 1")
 
 
 def split_weights(split: str) -> list[float]:
@@ -267,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-data-path", default=None)
     g.add_argument("--split", default="949,50,1",
                    help="train,valid,test weights when a prefix is one dataset (missing ones are 0: 98,2)")
-    g.add_argument("--mask-prob", type=float, default=0.15)
+    g.add_argument("--mask-prob", type=float, default=0.15, help="fraction of residues chosen for prediction")
+    g.add_argument("--mask-token-prob", type=float, default=0.8,
+                   help="of the chosen residues, the fraction shown as <mask> (BERT: 0.8)")
+    g.add_argument("--random-token-prob", type=float, default=0.1,
+                   help="of the chosen residues, the fraction shown as a random residue (BERT: 0.1); the rest are "
+                        "kept")
     g.add_argument("--pack-sequences", action="store_true",
                    help="pack several sequences per sample with a block-diagonal attention mask (ProteinLM)")
     g.add_argument("--data-cache-path", default=None, help="where sample index maps are cached")
@@ -399,7 +410,8 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
     data = DataConfig(
         data_path=data_path, data_blend=data_blend, train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
         test_data_path=args.test_data_path, split=args.split, seq_length=args.seq_length,
-        mask_prob=args.mask_prob, pack_sequences=args.pack_sequences, data_cache_path=args.data_cache_path,
+        mask_prob=args.mask_prob, mask_token_prob=args.mask_token_prob,
+        random_token_prob=args.random_token_prob, pack_sequences=args.pack_sequences, data_cache_path=args.data_cache_path,
         seed=args.seed)
     checkpoint = CheckpointConfig(
         save=args.save, load=args.load, save_interval=args.save_interval, no_save_optim=args.no_save_optim,

@@ -4,7 +4,9 @@ Sources (:func:`build_datasets`):
 
 - ``--data-path PREFIX`` where ``PREFIX_train``, ``PREFIX_valid`` (and ``PREFIX_test``) exist: the splits written
   by ``python -m megatron_protein.data.preprocess --split-by-family``, i.e. whole Pfam families held out for
-  validation and test.
+  validation and test; with ``--holdout-sequences`` also ``PREFIX_valid_infamily`` and ``PREFIX_test_infamily``,
+  sequences held out from the training families (the second held-out set, what TAPE's and ProteinLM's Pfam
+  validation measure). Every split that exists is evaluated and reported under its own name.
 - ``--data-path PREFIX`` naming one dataset: cut by sequence index into contiguous train/valid/test ranges with
   ``--split`` weights (Megatron's ``--split 949,50,1``).
 - ``--train-data-path/--valid-data-path/--test-data-path``: explicit prefixes.
@@ -22,6 +24,7 @@ changes who computes a micro-batch, never what is computed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -39,7 +42,10 @@ from megatron_protein.utils.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test", "valid_infamily", "test_infamily")  # order fixes each split's masking seed
+#: The held-out sets, validation and test, in reporting order.
+VALID_SPLITS = ("valid", "valid_infamily")
+TEST_SPLITS = ("test", "test_infamily")
 
 
 class DataError(UserError, ValueError):
@@ -72,7 +78,7 @@ def split_ranges(num_sequences: int, split: str) -> dict[str, tuple[int, int]]:
     weights = np.array(split_weights(split), dtype=np.float64)
     bounds = np.round(np.concatenate([[0.0], np.cumsum(weights / weights.sum())]) * num_sequences).astype(int)
     bounds[-1] = num_sequences
-    return {name: (int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(SPLITS)}
+    return {name: (int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(SPLITS[:3])}
 
 
 def resolve_sources(data_path: Optional[str], split: str, train_data_path: Optional[str] = None,
@@ -80,7 +86,7 @@ def resolve_sources(data_path: Optional[str], split: str, train_data_path: Optio
     """Map each split to an indexed dataset (or subset); None for a split with no data."""
     explicit = {"train": train_data_path, "valid": valid_data_path, "test": test_data_path}
     if train_data_path is not None:
-        return {name: (MMapIndexedDataset(path) if path else None) for name, path in explicit.items()}
+        return {name: (MMapIndexedDataset(explicit[name]) if explicit.get(name) else None) for name in SPLITS}
     if data_path is None:
         raise ConfigError("no data: give --data-path or --train-data-path")
     if dataset_exists(f"{data_path}_train"):
@@ -91,7 +97,7 @@ def resolve_sources(data_path: Optional[str], split: str, train_data_path: Optio
             f"--data-path {data_path}: neither {data_path}.bin/.idx nor {data_path}_train.bin/.idx exist; "
             f"create them with python -m megatron_protein.data.preprocess --input FILE --output-prefix {data_path}")
     full = MMapIndexedDataset(data_path)
-    sources = {}
+    sources = {"valid_infamily": None, "test_infamily": None}
     for name, (start, stop) in split_ranges(len(full), split).items():
         sources[name] = IndexedSubset(full, start, stop, name) if stop > start else None
     return sources
@@ -118,7 +124,8 @@ def check_training_data(sources: dict, split: str, data_path: Optional[str] = No
 
 
 def build_datasets(sources: dict, seq_length: int, num_samples: dict[str, int], seed: int,
-                   mask_prob: float = 0.15, packed: bool = False, cache_dir: Optional[str] = None) -> dict:
+                   mask_prob: float = 0.15, packed: bool = False, cache_dir: Optional[str] = None,
+                   mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> dict:
     """One :class:`MLMDataset` per split that has data and a positive sample count."""
     datasets = {}
     for offset, name in enumerate(SPLITS):
@@ -128,7 +135,8 @@ def build_datasets(sources: dict, seq_length: int, num_samples: dict[str, int], 
             continue
         # Distinct seeds per split so that masking never repeats between train and validation.
         datasets[name] = MLMDataset(source, seq_length, num_samples[name], seed + offset, mask_prob=mask_prob,
-                                    packed=packed, cache_dir=cache_dir, name=f"{os.path.basename(source.prefix)}")
+                                    packed=packed, cache_dir=cache_dir, name=f"{os.path.basename(source.prefix)}",
+                                    mask_token_prob=mask_token_prob, random_token_prob=random_token_prob)
         logger.info("%s: %d samples of length %d from %d sequences (%s)", name, num_samples[name], seq_length,
                     len(source), source.prefix)
     return datasets
@@ -239,7 +247,8 @@ def check_blend_training_data(blend_sources: list, split: str) -> None:
 
 
 def build_blended_datasets(blend_sources: list, seq_length: int, num_samples: dict[str, int], seed: int,
-                           mask_prob: float = 0.15, packed: bool = False, cache_dir: Optional[str] = None) -> dict:
+                           mask_prob: float = 0.15, packed: bool = False, cache_dir: Optional[str] = None,
+                           mask_token_prob: float = 0.8, random_token_prob: float = 0.1) -> dict:
     """One :class:`BlendedDataset` per split: the split of every prefix that has one, weighted by the blend's
     weights (by the split's number of sequences where the blend gave none), each prefix's MLM samples built with
     the split's seed as in :func:`build_datasets`."""
@@ -254,7 +263,8 @@ def build_blended_datasets(blend_sources: list, seq_length: int, num_samples: di
         weights = [weight if weight is not None else float(len(source)) for weight, _, source in members]
         sizes = blend_sizes(weights, count)
         parts = [MLMDataset(source, seq_length, n, seed + offset, mask_prob=mask_prob, packed=packed,
-                            cache_dir=cache_dir, name=os.path.basename(source.prefix))
+                            cache_dir=cache_dir, name=os.path.basename(source.prefix),
+                            mask_token_prob=mask_token_prob, random_token_prob=random_token_prob)
                  for (_, _, source), n in zip(members, sizes)]
         blend_name = "+".join(os.path.basename(source.prefix) for _, _, source in members)[:120]
         datasets[name] = BlendedDataset(parts, weights, count, name=blend_name,
@@ -264,26 +274,34 @@ def build_blended_datasets(blend_sources: list, seq_length: int, num_samples: di
     return datasets
 
 
-def blend_unigram_perplexity(blend_sources: list, split: str = "valid") -> Optional[float]:
-    """exp-entropy of the blend's residue distribution on ``split``: the mixture, by the blend's weights, of each
-    prefix's residue frequencies (see :func:`unigram_perplexity`)."""
+def blend_sources_by_split(blend_sources: list) -> dict:
+    """For each split, the first prefix's source of it (None when no prefix has it): what code that asks only
+    whether a split exists (its title, say) reads for a blend."""
+    found: dict = {}
+    for _, _, sources in blend_sources:
+        for name, source in sources.items():
+            if found.get(name) is None and source is not None and len(source) > 0:
+                found[name] = source
+    return {name: found.get(name) for name in SPLITS}
+
+
+def blend_residue_counts(blend_sources: list, split: str = "train") -> np.ndarray:
+    """Residue counts of the blend's ``split`` as the blend draws it: each prefix's histogram (:func:`residue_counts`)
+    scaled to the prefix's weight (its number of sequences for an unweighted blend), summed, in units of the total
+    number of residues."""
     members = [(weight, sources[split]) for weight, _, sources in blend_sources
                if sources.get(split) is not None and len(sources[split]) > 0]
     if not members:
-        return None
+        return np.zeros(0)
     weights = np.array([w if w is not None else float(len(src)) for w, src in members], dtype=np.float64)
     weights /= weights.sum()
-    mixture = np.zeros(0)
-    for weight, source in zip(weights, members):
-        counts = _residue_counts(source[1])
-        if counts.sum() == 0:
-            continue
-        p = counts / counts.sum()
-        if p.size > mixture.size:
-            mixture = np.pad(mixture, (0, p.size - mixture.size))
-        mixture[:p.size] += weight * p
-    p = mixture[mixture > 0]
-    return float(math.exp(-(p * np.log(p)).sum())) if p.size else None
+    histograms = [residue_counts(source).astype(np.float64) for _, source in members]
+    total = sum(float(h.sum()) for h in histograms)
+    mixture = np.zeros(max(h.size for h in histograms))
+    for weight, histogram in zip(weights, histograms):
+        if histogram.sum() > 0:
+            mixture[:histogram.size] += weight * histogram / histogram.sum() * total
+    return mixture
 
 
 @dataclass
@@ -331,14 +349,57 @@ def attention_mask(batch: dict[str, torch.Tensor], packed: bool) -> torch.Tensor
     return (~batch["padding_mask"])[:, None, None, :]
 
 
-def _residue_counts(source) -> np.ndarray:
+def split_titles(data_path: Optional[str], sources: dict) -> dict[str, str]:
+    """What each held-out split holds, in words, for logs and summaries: held-out families when preprocess split by
+    family (its ``PREFIX_summary.json`` says so), sequences of the training families for the ``*_infamily``
+    splits, and plain "held-out sequences" otherwise (Megatron's --split by index, or a random split)."""
+    by_family = False
+    if data_path is not None and os.path.exists(f"{data_path}_summary.json"):
+        try:
+            with open(f"{data_path}_summary.json") as f:
+                by_family = json.load(f).get("split") == "by-family"
+        except (OSError, ValueError):
+            by_family = False
+    other = "held-out families" if by_family else "held-out sequences"
+    titles = {"valid": other, "test": other, "valid_infamily": "held-out sequences of training families",
+              "test_infamily": "held-out sequences of training families"}
+    return {name: titles[name] for name in SPLITS if name != "train" and sources.get(name) is not None}
+
+
+def residue_counts(source, chunk_tokens: int = 1 << 24) -> np.ndarray:
+    """Token-id histogram of every sequence of ``source`` (an indexed dataset or :class:`IndexedSubset`).
+
+    Sequences written back to back (what every Megatron builder writes) are counted straight from the memory-mapped
+    ``.bin`` in chunks of ``chunk_tokens`` (about 1 s per 10^9 tokens); anything else one sequence at a time."""
+    dataset, start, stop = ((source.dataset, source.start, source.stop) if isinstance(source, IndexedSubset)
+                            else (source, 0, len(source)))
     counts = np.zeros(0, dtype=np.int64)
-    for chunk_start in range(0, len(source), 4096):
-        chunk = [np.asarray(source[i]) for i in range(chunk_start, min(len(source), chunk_start + 4096))]
-        chunk_counts = np.bincount(np.concatenate(chunk).astype(np.int64))
-        if chunk_counts.size > counts.size:
-            counts = np.pad(counts, (0, chunk_counts.size - counts.size))
-        counts[:chunk_counts.size] += chunk_counts
+
+    def add(tokens: np.ndarray) -> None:
+        nonlocal counts
+        if tokens.size == 0:
+            return
+        chunk = np.bincount(tokens.astype(np.int64, copy=False))
+        if chunk.size > counts.size:
+            counts = np.pad(counts, (0, chunk.size - counts.size))
+        counts[:chunk.size] += chunk
+
+    if stop <= start:
+        return counts
+    pointers = getattr(dataset, "pointers", None)
+    buffer = getattr(dataset, "_bin_mmap", None)
+    if pointers is not None and buffer is not None:
+        itemsize = dataset.dtype.itemsize
+        sizes = np.asarray(dataset.sizes[start:stop], dtype=np.int64)
+        ptr = np.asarray(pointers[start:stop], dtype=np.int64)
+        if np.array_equal(ptr[1:], ptr[:-1] + sizes[:-1] * itemsize):  # contiguous
+            total = int(sizes.sum())
+            for offset in range(0, total, chunk_tokens):
+                n = min(chunk_tokens, total - offset)
+                add(np.frombuffer(buffer, dtype=dataset.dtype, count=n, offset=int(ptr[0]) + offset * itemsize))
+            return counts
+    for chunk_start in range(start, stop, 4096):
+        add(np.concatenate([np.asarray(dataset[i]) for i in range(chunk_start, min(stop, chunk_start + 4096))]))
     return counts
 
 
@@ -346,7 +407,7 @@ def unigram_perplexity(source) -> tuple[float, int]:
     """exp(entropy) of the residue frequencies of ``source`` itself: the perplexity of the best model that
     ignores context (an oracle unigram, fitted on the very residues it is scored on). A masked LM that learned
     anything about proteins must beat it. Returns (perplexity, number of residues)."""
-    counts = _residue_counts(source)
+    counts = residue_counts(source)
     total = int(counts.sum())
     if total == 0:
         return float("nan"), 0

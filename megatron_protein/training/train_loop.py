@@ -7,7 +7,13 @@ averages gradients over dp, and :func:`~megatron_protein.parallel.pipeline.all_r
 copies of the tied word embedding over the pipeline ends. One process runs the same code with every group None.
 
 Loss: each micro-batch's loss is the mean cross-entropy over its predicted tokens (Megatron BERT); the step
-minimises the mean of the micro-batch losses of the global batch.
+minimises the mean of the micro-batch losses of the global batch. Evaluation scores a fixed set of samples of
+each held-out split (the first ``eval_iters`` global batches, the same at every evaluation so the curve is
+comparable) with :class:`~megatron_protein.training.mlm_metrics.MLMMetrics`: the loss and perplexity over all
+predicted positions, and apart at the positions whose input was ``<mask>`` (the masked-position perplexity), kept
+or randomised, each beside the unigram perplexity of the same residues (training frequencies, and their own).
+The held-out splits are the held-out families (``valid``/``test``) and, when preprocessing made them, held-out
+sequences of the training families (``valid_infamily``/``test_infamily``); every one present is reported.
 
 Non-finite steps (Megatron's ``--check-for-nan-in-loss-and-grad``, on by default): after the gradients are reduced,
 one MAX all-reduce over the world tells every rank whether the loss or any gradient on any rank is NaN or inf;
@@ -19,9 +25,7 @@ the scaler finds its scale). Checkpoints are never written with non-finite weigh
 
 The job holds ``SAVE.lock`` (:class:`~megatron_protein.utils.locks.OutputLock`) for its whole duration, taken by
 global rank 0 before anything else, so a second job on the same ``--save`` fails at once naming this one; and a
-resumed checkpoint whose ``data_path`` differs from this run's is refused unless ``--allow-data-path-change``. Validation reports the token-weighted mean
-cross-entropy over a fixed set of held-out samples (the first ``eval_iters`` global batches of the validation
-split, the same at every evaluation so the curve is comparable) and its exponential, the perplexity.
+resumed checkpoint whose ``data_path`` differs from this run's is refused unless ``--allow-data-path-change``.
 """
 from __future__ import annotations
 
@@ -35,21 +39,24 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_protein.models.bert import ProteinBertModel, masked_lm_loss, predicted_labels
+from megatron_protein.data.mlm_dataset import IGNORE_INDEX, PREDICTED_AS_MASK
+from megatron_protein.models.bert import ProteinBertModel, predicted_labels
 from megatron_protein.parallel import scg
 from megatron_protein.parallel.dp import DataParallel
 from megatron_protein.parallel.pipeline import all_reduce_tied_gradients, run_pipeline, sync_tied_parameters
-from megatron_protein.parallel.tensor_parallel import model_parallel_seed
+from megatron_protein.parallel.tensor_parallel import model_parallel_seed, vocab_parallel_cross_entropy
 from megatron_protein.training import checkpointing
 from megatron_protein.training.arguments import PretrainConfig, resolve_batch
 from megatron_protein.training.logging_utils import TrainingLogger, logger
+from megatron_protein.training.mlm_metrics import MLMMetrics, training_frequencies
 from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler, build_optimizer, clip_grad_norm,
                                                  grads_are_finite)
-from megatron_protein.training.pretrain_data import (attention_mask, blend_unigram_perplexity,
+from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, attention_mask,
+                                                     blend_residue_counts, blend_sources_by_split,
                                                      build_blended_datasets, build_datasets,
                                                      check_blend_training_data, check_training_data,
-                                                     micro_batch_loader, resolve_blend, resolve_sources,
-                                                     unigram_perplexity)
+                                                     micro_batch_loader, residue_counts, resolve_blend,
+                                                     resolve_sources, split_titles)
 from megatron_protein.utils.agree import on_all_ranks
 from megatron_protein.utils.errors import NonFiniteLossError
 from megatron_protein.utils.locks import LockError, OutputLock
@@ -58,19 +65,24 @@ from megatron_protein.utils.locks import LockError, OutputLock
 #: The data arguments a resumed run must share with its checkpoint (unless --allow-data-path-change).
 DATA_PATH_ARGS = ("data_path", "train_data_path", "valid_data_path", "test_data_path")
 
+#: The masking of every held-out evaluation (BERT's, Devlin et al. 2019), independent of the training flags.
+EVAL_MASK_PROB, EVAL_MASK_TOKEN_PROB, EVAL_RANDOM_TOKEN_PROB = 0.15, 0.8, 0.1
+
 
 @dataclass
 class TrainResult:
-    """What a run did, on every rank: per-iteration training losses (global-batch mean), evaluations, paths."""
+    """What a run did, on every rank: per-iteration training losses (global-batch mean, all predicted positions,
+    and at the ``<mask>`` positions only), evaluations (one dict per split and evaluation: ``iteration``, ``split``,
+    ``title``, ``tokens_seen`` and the :meth:`MLMMetrics.summary` numbers), paths."""
 
     losses: list[float] = field(default_factory=list)
+    masked_losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     skipped_iterations: list[int] = field(default_factory=list)  # iterations whose step was skipped
     evaluations: list[dict] = field(default_factory=list)
     start_iteration: int = 0
     iteration: int = 0
     consumed_train_samples: int = 0
-    valid_unigram_perplexity: Optional[float] = None
     checkpoint_dir: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     elapsed_seconds: float = 0.0
@@ -193,16 +205,30 @@ class Pretrainer:
         train, data = config.train, config.data
         sources = self.sources
         eval_samples = config.logging.eval_iters * train.global_batch_size
-        counts = {"train": train.train_iters * train.global_batch_size, "valid": eval_samples, "test": eval_samples}
-        if self.blend_sources is not None:
-            self.datasets = build_blended_datasets(self.blend_sources, data.seq_length, counts, data.seed,
-                                                   data.mask_prob, data.pack_sequences, data.data_cache_path)
-            self.valid_unigram_perplexity = blend_unigram_perplexity(self.blend_sources, "valid")
+        if self.blend_sources is not None:  # --data-path W1 A W2 B: every split a BlendedDataset
+            def build(counts, mask_prob, mask_token_prob, random_token_prob):
+                return build_blended_datasets(self.blend_sources, data.seq_length, counts, data.seed, mask_prob,
+                                              data.pack_sequences, data.data_cache_path,
+                                              mask_token_prob=mask_token_prob, random_token_prob=random_token_prob)
+            sources = blend_sources_by_split(self.blend_sources)
+            train_counts = blend_residue_counts(self.blend_sources, "train")
         else:
-            self.datasets = build_datasets(sources, data.seq_length, counts, data.seed, data.mask_prob,
-                                           data.pack_sequences, data.data_cache_path)
-            self.valid_unigram_perplexity = (unigram_perplexity(sources["valid"])[0]
-                                             if sources.get("valid") is not None else None)
+            def build(counts, mask_prob, mask_token_prob, random_token_prob):
+                return build_datasets(sources, data.seq_length, counts, data.seed, mask_prob, data.pack_sequences,
+                                      data.data_cache_path, mask_token_prob=mask_token_prob,
+                                      random_token_prob=random_token_prob)
+            train_counts = residue_counts(sources["train"])
+        self.datasets = build({"train": train.train_iters * train.global_batch_size}, data.mask_prob,
+                              data.mask_token_prob, data.random_token_prob)
+        # Held-out sets are always masked as BERT masks (15%; 80% <mask>, 10% random, 10% kept), whatever the
+        # training masking, so that runs with other --mask-prob / --mask-token-prob are scored on the same task.
+        held_out = build({name: eval_samples for name in VALID_SPLITS + TEST_SPLITS}, EVAL_MASK_PROB,
+                         EVAL_MASK_TOKEN_PROB, EVAL_RANDOM_TOKEN_PROB)
+        self.datasets.update({name: held_out[name] for name in VALID_SPLITS + TEST_SPLITS})
+        self.split_titles = split_titles(data.data_path, sources)
+        # The context-free baseline a model must beat: the training set's residue frequencies.
+        self.train_frequencies = training_frequencies(train_counts, config.model.vocab_size)
+        self._masked_stats = torch.zeros(2, dtype=torch.float64, device=groups.device)  # this step: sum, count
         self.activation_shape = (train.micro_batch_size, data.seq_length, config.model.hidden_size)
 
     # ------------------------------------------------------------------------------------------ one stage
@@ -221,17 +247,35 @@ class Pretrainer:
         labels, loss_mask = batch["labels"].to(device), batch["loss_mask"].to(device)
         return predicted_labels(labels, loss_mask) if self.config.train.sparse_prediction else (labels, loss_mask)
 
+    def prediction_kinds(self, batch: dict) -> torch.Tensor:
+        """What the input showed at each predicted position (``mlm_dataset.prediction_kind``), laid out like the
+        labels of :meth:`loss_inputs`."""
+        kinds = batch["prediction_kind"].to(self.groups.device)
+        return kinds[batch["loss_mask"].to(self.groups.device).bool()] if self.config.train.sparse_prediction \
+            else kinds
+
     def loss_fn(self, logits_shard: torch.Tensor, batch: dict) -> torch.Tensor:
-        loss, _ = masked_lm_loss(logits_shard, *self.loss_inputs(batch), self.groups)
+        """The micro-batch's mean cross-entropy over its predicted positions (``models.bert.masked_lm_loss``,
+        written out to keep the per-token losses); the ``<mask>`` positions' part is added to this step's stats."""
+        labels, loss_mask = self.loss_inputs(batch)
+        per_token = vocab_parallel_cross_entropy(logits_shard, labels, groups=self.groups, ignore_index=IGNORE_INDEX)
+        loss_mask = loss_mask.float()
+        loss = (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        with torch.no_grad():
+            masked = self.prediction_kinds(batch) == PREDICTED_AS_MASK
+            self._masked_stats[0] += per_token.detach()[masked].double().sum()
+            self._masked_stats[1] += masked.sum()
         return loss * (self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
 
     # ------------------------------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool]:
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, bool, float]:
         """Forward and backward of the global batch, gradient sync, clip, optimizer step. Returns
-        (mean loss over the global batch, gradient norm before clipping, whether the step was skipped)."""
+        (mean loss over the global batch, gradient norm before clipping, whether the step was skipped, mean loss at
+        the global batch's ``<mask>`` positions)."""
         groups = self.groups
         self.model.train()
         self.ddp.zero_grad()  # zeroes the flat gradient buffers (the .grad views stay attached)
+        self._masked_stats.zero_()
         loss = run_pipeline(self.forward_step, micro_batches, self.loss_fn, self.activation_shape,
                             groups=groups, no_sync=self.ddp.no_sync)
         self.ddp.sync_gradients()                              # mean over dp replicas
@@ -255,33 +299,50 @@ class Pretrainer:
         if not skipped:  # as Megatron: a skipped step does not advance the schedule either
             self.optimizer.step()
             self.scheduler.step()
-        mean_loss = _all_reduce(loss.detach().clone(), groups.group("dp")) / groups.size("dp")
-        return float(mean_loss), norm, skipped
+        # One dp all-reduce for the loss and the <mask> positions' sum and count (those live on the last stage).
+        stats = torch.cat([loss.detach().double().view(1), _from_last_stage(self._masked_stats, groups)])
+        stats = _all_reduce(stats, groups.group("dp"))
+        masked_loss = float(stats[1] / stats[2]) if stats[2] > 0 else float("nan")
+        return float(stats[0]) / groups.size("dp"), norm, skipped, masked_loss
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, split: str = "valid") -> tuple[float, int]:
-        """Token-weighted mean cross-entropy over the fixed evaluation samples of ``split``; (loss, tokens)."""
+    def evaluate(self, split: str = "valid") -> dict:
+        """The :class:`MLMMetrics` summary of the fixed evaluation samples of ``split`` (the same on every rank):
+        loss and perplexity over all predicted positions and per kind (``masked``, ``randomised``, ``kept``), each
+        with the unigram perplexity of the same residues from the training frequencies and from their own."""
         dataset = self.datasets.get(split)
+        if dataset is None:
+            raise ValueError(f"no {split!r} split to evaluate; splits: {sorted(k for k, v in self.datasets.items() if v)}")
         groups, train = self.groups, self.config.train
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=groups.device)  # [sum of losses, predicted tokens]
+        metrics = MLMMetrics(self.config.model.vocab_size, groups.device)
 
         def loss_fn(logits_shard, batch):
-            loss, count = masked_lm_loss(logits_shard, *self.loss_inputs(batch), groups)
-            totals[0] += float(loss) * float(count)
-            totals[1] += float(count)
-            return loss
+            labels, loss_mask = self.loss_inputs(batch)
+            per_token = metrics.add_logits(logits_shard, labels, self.prediction_kinds(batch), groups)
+            loss_mask = loss_mask.float()
+            return (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
         loader = micro_batch_loader(dataset, 0, train.micro_batch_size, groups.rank_in("dp"), groups.size("dp"))
         for _ in range(self.config.logging.eval_iters):
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
             run_pipeline(self.forward_step, micro_batches, loss_fn, self.activation_shape, groups=groups,
                          forward_only=True)
-        _from_last_stage(totals, groups)
-        _all_reduce(totals, groups.group("dp"))
+        metrics.reduce(groups)
         self.model.train()
-        return float(totals[0] / totals[1].clamp(min=1)), int(totals[1])
+        return metrics.summary(self.train_frequencies)
+
+    def _evaluate_splits(self, splits, log: TrainingLogger, result: TrainResult) -> None:
+        tokens_seen = self.iteration * self.config.train.global_batch_size * self.config.data.seq_length
+        for split in splits:
+            if self.datasets.get(split) is None:
+                continue
+            summary = self.evaluate(split)
+            title = self.split_titles.get(split, split)
+            log.evaluation(self.iteration, split, summary, title=title, tokens_seen=tokens_seen)
+            result.evaluations.append({"iteration": self.iteration, "split": split, "title": title,
+                                       "tokens_seen": tokens_seen, **summary})
 
     def _count_skip(self, log: TrainingLogger, loss: float) -> None:
         """Count a skipped step toward --max-consecutive-skipped-iterations; stop the run at the limit."""
@@ -316,8 +377,9 @@ class Pretrainer:
     def train(self) -> TrainResult:
         cfg, groups = self.config, self.groups
         train, log_cfg, ckpt = cfg.train, cfg.logging, cfg.checkpoint
-        result = TrainResult(start_iteration=self.iteration, valid_unigram_perplexity=self.valid_unigram_perplexity,
-                             checkpoint_dir=ckpt.save, tensorboard_dir=log_cfg.tensorboard_dir)
+        result = TrainResult(start_iteration=self.iteration, checkpoint_dir=ckpt.save,
+                             tensorboard_dir=log_cfg.tensorboard_dir)
+        self._train_started = time.monotonic()
         tokens_per_iteration = train.global_batch_size * cfg.data.seq_length
         log = TrainingLogger(train.train_iters, log_cfg.log_interval, tokens_per_iteration,
                              is_writer=groups.rank == 0, tensorboard_dir=log_cfg.tensorboard_dir,
@@ -332,9 +394,8 @@ class Pretrainer:
             log.info("rank order %s (outermost first), %d ranks per node: %s", ", ".join(groups.axes), per_node,
                      ", ".join(f"{axis} groups span {spans[axis]} node{'s' if spans[axis] > 1 else ''}"
                                for axis in groups.axes if groups.size(axis) > 1))
-        if self.valid_unigram_perplexity is not None:
-            log.info("unigram perplexity of the validation residues: %.3f", self.valid_unigram_perplexity)
-            log.scalar("valid/unigram_perplexity", self.valid_unigram_perplexity, self.iteration)
+        log.info("held-out sets: %s; the unigram baselines are the training residue frequencies and each set's "
+                 "own", ", ".join(f"{name} ({title})" for name, title in self.split_titles.items()) or "none")
         if self.iteration:
             log.info("resumed from %s at iteration %d (%d samples consumed)", ckpt.load, self.iteration,
                      self.consumed_train_samples)
@@ -381,24 +442,24 @@ class Pretrainer:
         while self.iteration < train.train_iters:
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
             lr = self.scheduler.lr
-            loss, norm, skipped = self.train_step(micro_batches)
+            loss, norm, skipped, masked_loss = self.train_step(micro_batches)
             self.iteration += 1
             self.consumed_train_samples += train.global_batch_size
             result.losses.append(loss)
+            result.masked_losses.append(masked_loss)
             result.grad_norms.append(norm)
             log.training_step(self.iteration, loss, lr, norm, skipped,
-                              self.loss_scaler.scale if self.loss_scaler is not None else None)
+                              self.loss_scaler.scale if self.loss_scaler is not None else None,
+                              masked_loss=masked_loss)
             if skipped:
                 result.skipped_iterations.append(self.iteration)
                 self._count_skip(log, loss)
             else:
                 self.consecutive_skips = 0
 
-            if self.datasets.get("valid") is not None and log_cfg.eval_iters > 0 and (
-                    self.iteration % log_cfg.eval_interval == 0 or self.iteration == train.train_iters):
-                valid_loss, tokens = self.evaluate("valid")
-                result.evaluations.append({"iteration": self.iteration, "split": "valid", **log.evaluation(
-                    self.iteration, "valid", valid_loss, tokens)})
+            if log_cfg.eval_iters > 0 and (self.iteration % log_cfg.eval_interval == 0
+                                           or self.iteration == train.train_iters):
+                self._evaluate_splits(VALID_SPLITS, log, result)
             exit_reason = self._exit_reason(exit_signal)
             exiting = exit_reason is not None
             if ckpt.save and ((ckpt.save_interval and self.iteration % ckpt.save_interval == 0) or exiting
@@ -416,10 +477,9 @@ class Pretrainer:
 
     def _finish(self, result: TrainResult, log: TrainingLogger) -> TrainResult:
         train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
-        if self.iteration == train.train_iters and self.datasets.get("test") is not None and log_cfg.eval_iters:
-            test_loss, tokens = self.evaluate("test")
-            result.evaluations.append({"iteration": self.iteration, "split": "test",
-                                       **log.evaluation(self.iteration, "test", test_loss, tokens)})
+        if self.iteration == train.train_iters and log_cfg.eval_iters:
+            self._evaluate_splits(TEST_SPLITS, log, result)
+            log.final_summary(self.iteration, result.evaluations, time.monotonic() - self._train_started)
         result.iteration = self.iteration
         result.consumed_train_samples = self.consumed_train_samples
         if result.saved_at is not None:
