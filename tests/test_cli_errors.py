@@ -79,7 +79,8 @@ COMMANDS = {
      r"error: the following arguments are required: --tp \(see .* --help\)$"),
     ("tape_train", ["transformer", "stability", "--data_dir", "{tmp}", "--from_pretrained", "{tmp}/none"],
      r"error: {tmp}/none/config\.json: no config\.json"),
-    ("tape_eval", ["onehot", "stability", "{tmp}", "--data_dir", "{tmp}"], r"error: {tmp}/config\.json: no config\.json"),
+    ("tape_eval", ["onehot", "stability", "{tmp}", "--data_dir", "{tmp}"],
+     r"error: {tmp}/config\.json: no config\.json"),
     ("tape_embed", ["onehot", "{tmp}/none.fasta", "{tmp}/out.npz"], r"error: {tmp}/none\.fasta: No such file"),
 ])
 def test_every_command_prints_one_line_and_exits_2(tmp_path, capsys, command, argv, expected):
