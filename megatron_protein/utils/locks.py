@@ -19,6 +19,7 @@ another host needs its lock file removed by hand.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -65,6 +66,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _host_tag() -> str:
+    return socket.gethostname().replace(".", "_").replace(os.sep, "_") or "host"
 
 
 def describe_holder(info: dict) -> str:
@@ -206,7 +211,7 @@ class OutputLock:
                 os.remove(private)
 
     def _private_file(self, info: dict) -> tuple[int, str]:
-        private = f"{self.path}.{os.getpid()}.{os.urandom(4).hex()}.new"
+        private = f"{self.path}.{_host_tag()}.{os.getpid()}.{os.urandom(4).hex()}.new"
         try:
             fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
@@ -236,9 +241,22 @@ class OutputLock:
 
     def _held(self, fd: int, info: dict) -> "OutputLock":
         self._fd, self._info = fd, info
+        self._remove_dead_private_files()
         fs_fsync_dir(os.path.dirname(self.path))
         atexit.register(self.release)
         return self
+
+    def _remove_dead_private_files(self) -> None:
+        """Private files (``TARGET.lock.<host>.<pid>.<hex>.new``) of processes of this host killed while locking."""
+        directory, base = os.path.split(self.path)
+        mine = f"{base}.{_host_tag()}."
+        for name in os.listdir(directory):
+            if not (name.startswith(mine) and name.endswith(".new")):
+                continue
+            pid = name[len(mine):].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(directory, name))
 
     # ------------------------------------------------------------------------------------------------ release
     def release(self) -> None:
