@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_protein.conversion.to_tape import convert  # noqa: E402
+from megatron_protein.conversion.to_tape import convert, loading_note  # noqa: E402
 from megatron_protein.utils import errors  # noqa: E402
 
 
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
                 table_file=None if args.quiet else sys.stdout, verify=not args.no_verify,
                 trust=args.trust_checkpoint, allow_replicated_mismatch=args.allow_replicated_mismatch)
     print(f"wrote {os.path.abspath(args.out)}" + (" (+ hf-esm)" if "hf-esm" in formats else ""))
+    print(loading_note(os.path.abspath(args.out), formats))
     return 0
 
 

@@ -39,7 +39,9 @@ fi
   ${DTYPE_FLAG[@]+"${DTYPE_FLAG[@]}"} "$@"
 
 cat <<NEXT
-[megatron-tape-generator] done. Finetune and evaluate on a TAPE task, e.g.:
+[megatron-tape-generator] done. $TAPE_OUT is a pre-LN BERT: load it with tape_tasks (this repository), not with
+  songlab's tape-proteins, which loads it without an error and computes another function (docs/tape.md).
+  Finetune and evaluate on a TAPE task, e.g.:
   $PYTHON $REPO_ROOT/finetune/tape_train.py transformer fluorescence --from_pretrained $TAPE_OUT \\
       --data_dir $REPO_ROOT/data/tape --batch_size 32 --num_train_epochs 1
 NEXT

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_protein.utils import lmdb_envs
 from megatron_protein.utils.errors import UserError
 from megatron_protein.utils.safe_load import load_record
 
@@ -82,7 +83,9 @@ class JSONRecords:
 
 
 class LMDBRecords:
-    """A TAPE LMDB split. The environment is opened lazily, so the object can be sent to DataLoader workers."""
+    """A TAPE LMDB split. The environment is opened lazily, so the object can be sent to DataLoader workers, and
+    shared with every other reader of the same file in the process (:mod:`megatron_protein.utils.lmdb_envs`:
+    py-lmdb cannot open one file twice)."""
 
     def __init__(self, path: str):
         import lmdb  # imported here: JSON users do not need it
@@ -90,12 +93,10 @@ class LMDBRecords:
         self.path = path
         self._env = None
         try:
-            env = lmdb.open(path, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False)
-        except lmdb.Error as e:
+            with lmdb_envs.shared(path) as env, env.begin(write=False) as txn:
+                raw = txn.get(b"num_examples")
+        except (lmdb.Error, OSError) as e:
             raise DataFileError(f"{path}: cannot open as LMDB ({e})") from None
-        with env.begin(write=False) as txn:
-            raw = txn.get(b"num_examples")
-        env.close()
         if raw is None:
             raise DataFileError(f"{path}: LMDB has no 'num_examples' key; not a TAPE LMDB file")
         count = load_record(raw, f"{path}: num_examples")
@@ -105,11 +106,20 @@ class LMDBRecords:
 
     def _open(self):
         if self._env is None:
-            import lmdb
-
-            self._env = lmdb.open(self.path, max_readers=1, readonly=True, lock=False, readahead=False,
-                                  meminit=False)
+            self._env = lmdb_envs.acquire(self.path)
         return self._env
+
+    def close(self) -> None:
+        """Give the environment back (it closes when no other reader of the file holds it)."""
+        if self._env is not None:
+            env, self._env = self._env, None
+            lmdb_envs.release(env)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __getstate__(self):
         state = dict(self.__dict__)

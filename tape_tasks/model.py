@@ -37,6 +37,13 @@ which is how Megatron's per-head ``[num_heads, 3, head_dim]`` fused QKV splits i
 ``lm_head.dense``/``lm_head.layernorm``/``lm_head.bias`` -> ``mlm.transform.dense``/``mlm.transform.LayerNorm``/
 ``mlm.bias``.
 
+Not songlab's ``tape-proteins``: its ``ProteinBertModel`` is post-LN (an embedding LayerNorm, a LayerNorm after
+each residual) and ``from_pretrained`` of one of our directories loads WITHOUT an error while leaving its
+LayerNorms and pooler at their initial values and ignoring ours, so it computes another function. TAPE code uses
+ours by importing from here: ``from tape_tasks import ProteinBertModel, ProteinBertForMaskedLM, TAPETokenizer``
+in place of ``from tape import ...`` (same classes' names, ``from_pretrained`` signature, tokenizer and outputs;
+docs/tape.md). The pooled output is the residue mean, not TAPE's (untrained) tanh pooler.
+
 Call conventions are TAPE's: ``model(input_ids, input_mask=None)`` returns ``(sequence_output, pooled_output)``;
 ``ProteinBertForMaskedLM(input_ids, input_mask=None, targets=None)`` returns ``((loss, metrics), logits)`` when
 targets are given and ``(logits,)`` otherwise. ``input_mask`` is 1 at real tokens and 0 at padding.
@@ -128,16 +135,26 @@ class ProteinModel(nn.Module):
         os.replace(tmp, path)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, **config_overrides) -> "ProteinModel":
-        """Build from ``model_dir/config.json`` (fields overridden by ``config_overrides``) and load the weights."""
+    def from_pretrained(cls, model_dir: str, *, cache_dir: Optional[str] = None, force_download: bool = False,
+                        output_loading_info: bool = False, **config_overrides):
+        """Build from ``model_dir/config.json`` (fields overridden by ``config_overrides``) and load the weights.
+
+        TAPE's signature (``tape.ProteinBertModel.from_pretrained``), so TAPE code runs unchanged with
+        ``from tape_tasks import ...``: ``cache_dir`` and ``force_download`` are accepted and unused (nothing is
+        downloaded: ``model_dir`` is a directory), ``output_loading_info=True`` returns ``(model, info)`` with
+        TAPE's ``missing_keys``/``unexpected_keys``/``error_msgs``."""
+        if not os.path.isdir(model_dir):
+            raise ModelFileError(f"{model_dir}: not a model directory (config.json + {WEIGHTS_NAME}); TAPE's "
+                                 f"pretrained names such as 'bert-base' are post-LN models this code does not "
+                                 f"load, and nothing is downloaded here")
         config = ProteinBertConfig.from_pretrained(model_dir)
         if config_overrides:
             values = config.to_dict()
             values.update(config_overrides)
             config = ProteinBertConfig.from_dict(values)
         model = cls(config)
-        model.load_pretrained_weights(model_dir)
-        return model
+        info = model.load_pretrained_weights(model_dir)
+        return (model, info) if output_loading_info else model
 
     def load_pretrained_weights(self, model_dir: str) -> None:
         path = os.path.join(model_dir, WEIGHTS_NAME)
@@ -149,7 +166,7 @@ class ProteinModel(nn.Module):
             raise
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file, reported with its name
             raise ModelFileError(f"{path}: cannot be read as PyTorch weights ({type(exc).__name__}: {exc})") from None
-        load_checked(self, state, model_dir)
+        return load_checked(self, state, model_dir)
 
 
 def _candidate_names(key: str, prefix: str) -> list[str]:
@@ -162,7 +179,7 @@ def _candidate_names(key: str, prefix: str) -> list[str]:
     return names
 
 
-def load_checked(model: ProteinModel, state: dict[str, torch.Tensor], source: str) -> None:
+def load_checked(model: ProteinModel, state: dict[str, torch.Tensor], source: str) -> dict:
     """Load ``state`` into ``model`` under the rules of :class:`ProteinModel`; raise naming the first mismatch."""
     own = model.state_dict()
     post_ln = [k for k in state if k.endswith(("embeddings.LayerNorm.weight", "attention.output.LayerNorm.weight"))]
@@ -197,6 +214,7 @@ def load_checked(model: ProteinModel, state: dict[str, torch.Tensor], source: st
             f"{source}: {WEIGHTS_NAME} holds backbone weight(s) that {config_path} does not describe, e.g. "
             f"{extra_backbone[:3]} (more layers than num_hidden_layers?): the config does not match the weights")
     model.load_state_dict(to_load, strict=False)
+    info = {"missing_keys": missing, "unexpected_keys": leftover, "error_msgs": []}
     if missing:
         logger.info("%s: %d head weight(s) not in the file, newly initialised: %s", source, len(missing), missing)
     if leftover:
@@ -204,6 +222,7 @@ def load_checked(model: ProteinModel, state: dict[str, torch.Tensor], source: st
                     type(model).__name__, leftover[:8])
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    return info
 
 
 class ProteinBertEmbeddings(nn.Module):

@@ -16,6 +16,7 @@ from harness import run_distributed
 from test_pretrain_parallel import LOSS_ATOL, LOSS_RTOL, make_tiny_data, tiny_argv, train_run
 
 from megatron_protein.training import checkpointing, train_loop
+from megatron_protein.models.megatron_layout import flatten_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,10 @@ def test_a_nan_step_is_skipped_and_never_reaches_the_weights(data_prefix, tmp_pa
     losses = np.array(result["losses"])
     assert np.isnan(losses[2]) and np.all(np.isfinite(np.delete(losses, 2))), losses
     state = _weights(save, 6)
-    for name, tensor in state["model"].items():
+    for name, tensor in flatten_state_dict(state["model"]).items():
         assert torch.isfinite(tensor).all(), f"{name} is not finite after a skipped NaN step"
     # The skipped step moved neither the weights nor the schedule: 5 optimizer steps in 6 iterations.
-    assert state["lr_scheduler"]["num_steps"] == 5
+    assert state["opt_param_scheduler"]["num_steps"] == 5 * state["args"].global_batch_size  # counted in samples
     assert int(state["optimizer"]["optimizer"]["state"][0]["step"]) == 5
 
 
@@ -69,7 +70,7 @@ def test_persistent_nan_stops_the_run_after_the_limit_without_a_nan_checkpoint(d
         train_run(_argv(data_prefix, save, ["--bf16", "--max-consecutive-skipped-iterations", "2"]))
     assert checkpointing.read_tracker(save) == 2
     assert sorted(os.listdir(save)) == ["iter_0000002", checkpointing.TRACKER_FILENAME]
-    assert all(torch.isfinite(t).all() for t in _weights(save, 2)["model"].values())
+    assert all(torch.isfinite(t).all() for t in flatten_state_dict(_weights(save, 2)["model"]).values())
 
 
 def test_without_the_check_the_save_still_refuses_nan_weights(data_prefix, tmp_path, monkeypatch):
@@ -94,7 +95,7 @@ def test_fp16_skips_count_only_at_the_minimum_loss_scale(data_prefix, tmp_path, 
     result = train_run(argv)
     assert np.all(np.isnan(result["losses"][1:]))
     assert checkpointing.read_tracker(save) == 6
-    assert all(torch.isfinite(t).all() for t in _weights(save, 6)["model"].values())
+    assert all(torch.isfinite(t).all() for t in flatten_state_dict(_weights(save, 6)["model"]).values())
 
 
 # ---------------------------------------------------------------------------------------- every rank skips together

@@ -64,9 +64,20 @@ def test_resume_is_exact_under_tensor_and_pipeline_parallelism(data_prefix, tmp_
         "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     last_stage = torch.load(os.path.join(save, "iter_0000003", "mp_rank_01_001", "model_optim_rng.pt"),
                             weights_only=False)
-    assert "word_embeddings_for_head.weight" in last_stage["model"]
-    assert "language_model.encoder.layers.0.input_layernorm.weight" in last_stage["model"]  # local index
-    assert "language_model.embedding.word_embeddings.weight" not in last_stage["model"]
+    # Megatron-LM's nested BertModel.state_dict_for_save_checkpoint layout, layer indices local to the stage.
+    model = last_stage["model"]
+    assert sorted(model) == ["language_model", "lm_head", "word_embeddings_for_head"]
+    assert sorted(model["language_model"]) == ["encoder"]  # no embedding on the last stage
+    assert "layers.0.input_layernorm.weight" in model["language_model"]["encoder"]
+    assert "final_layernorm.weight" in model["language_model"]["encoder"]
+    assert sorted(model["word_embeddings_for_head"]) == ["weight"]
+    assert {"bias", "dense.weight", "layernorm.weight"} <= set(model["lm_head"])
+    first_stage = torch.load(os.path.join(save, "iter_0000003", "mp_rank_00_000", "model_optim_rng.pt"),
+                             weights_only=False)
+    assert sorted(first_stage["model"]) == ["language_model"]
+    assert sorted(first_stage["model"]["language_model"]["embedding"]) == ["position_embeddings", "word_embeddings"]
+    assert first_stage["opt_param_scheduler"] == first_stage["lr_scheduler"]
+    assert len(first_stage["rng_state"]) == 1  # one entry per data-parallel rank (dp = 1 here)
 
 
 KILLER = r"""

@@ -98,7 +98,7 @@ def test_flags_become_configs_with_megatron_names():
     assert config.optim.lr_warmup_steps == 10 and config.optim.bf16
     assert config.model.checkpoint_activations and not config.model.bias_gelu_fusion
     assert config.model.masked_softmax_fusion
-    assert config.parallel.degrees() == [("dp", None), ("pp", 1), ("tp", 2)]
+    assert config.parallel.degrees() == [("pp", 1), ("dp", None), ("tp", 2)]  # Megatron-LM's order
     assert resolve_batch(config.train, dp_size=2) == 2  # 8 = 2 x 2 micro-batches x dp 2
 
 

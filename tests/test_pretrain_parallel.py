@@ -63,7 +63,7 @@ def train_run(argv: list[str]) -> dict:
         torch.set_num_threads(threads)
     return {"losses": result.losses, "masked_losses": result.masked_losses, "grad_norms": result.grad_norms,
             "evaluations": result.evaluations, "rank": groups.rank,
-            "coords": {a: groups.rank_in(a) for a in ("dp", "pp", "tp")}}
+            "coords": {a: groups.rank_in(a) for a in ("dp", "pp", "tp")}, "exit_reason": result.exit_reason}
 
 
 @pytest.fixture(scope="module")

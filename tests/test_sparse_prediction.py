@@ -1,5 +1,7 @@
-"""Sparse prediction: the last layer and the MLM head at the masked positions only give the dense model's loss and
-gradients (a float64 model; the cross-entropy runs in float32 by design, so the tolerance is float32's), with padding masks, packed-segment masks, recompute and rows without any prediction.
+"""Sparse prediction: with dropout off, the last layer and the MLM head at the masked positions only give the dense
+model's loss and gradients (a float64 model; the cross-entropy runs in float32 by design, so the tolerance is
+float32's), with padding masks, packed-segment masks, recompute and rows without any prediction. With dropout on
+the claim does not hold (the last layer draws masks of another shape), and a test says so.
 Pretraining uses sparse prediction by default, so the TP=2 / PP=2 / TP=2 x DP=2 loss curves of
 ``test_pretrain_parallel.py`` cover its tensor-parallel path against one process."""
 from __future__ import annotations
@@ -110,3 +112,22 @@ def test_a_prediction_mask_of_the_wrong_shape_is_rejected(single_process):
     tokens, mask, _, loss_mask = batch()
     with pytest.raises(ValueError, match=r"prediction_mask must be \[b, s\]"):
         model(tokens, mask, prediction_mask=loss_mask[:, :5])
+
+
+def test_with_dropout_the_sparse_loss_is_not_the_dense_one(single_process):
+    """The documented condition: with dropout on, the last layer's masks are drawn for other shapes, so sparse and
+    dense prediction give different losses from the same generator state (both are valid samples of dropout)."""
+    model = ProteinBertModel(tiny_config(hidden_dropout=0.1, attention_dropout=0.1)).double().train()
+    tokens, mask, labels, loss_mask = batch()
+    state = torch.get_rng_state()
+    dense, _, _ = loss_and_grads(model, tokens, mask, labels, loss_mask, sparse=False)
+    torch.set_rng_state(state)
+    model_parallel_seed(11, single_process)
+    sparse, _, _ = loss_and_grads(model, tokens, mask, labels, loss_mask, sparse=True)
+    assert abs(float(dense) - float(sparse)) > 1e-6
+    # Same generators, dropout off: equal (what the tests above check in detail).
+    model.eval()
+    with torch.no_grad():
+        sparse_logits = model(tokens, mask, prediction_mask=loss_mask)
+        dense_logits = model(tokens, mask)[loss_mask]
+    torch.testing.assert_close(sparse_logits, dense_logits, rtol=1e-10, atol=1e-10)

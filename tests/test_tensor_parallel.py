@@ -319,15 +319,18 @@ def test_tensor_parallel_layers_match_unsplit(world):
         for res in rng:
             assert res["default_untouched"], "fork() moved the default generator"
             assert res["replay_equal"], "set_states() did not replay the model-parallel stream"
-            assert res["seeds"].default == SEED
-            assert res["seeds"].model_parallel == SEED + 2718 + res["tp"]
+            assert res["seeds"].default == SEED + 1_000_003 * res["dp"]
+            assert res["seeds"].model_parallel == res["seeds"].default + 2718 + res["tp"]
         for a in rng:
             for b in rng:
-                assert torch.equal(a["outside"], b["outside"]), "dropout outside TP regions must match everywhere"
-                same_tp = a["tp"] == b["tp"]
-                assert torch.equal(a["inside"], b["inside"]) == same_tp, (
+                same_dp = a["dp"] == b["dp"]
+                assert torch.equal(a["outside"], b["outside"]) == same_dp, (
+                    "dropout outside TP regions must match across the tp ranks of a replica and differ across "
+                    "replicas")
+                same_rank = a["tp"] == b["tp"] and same_dp
+                assert torch.equal(a["inside"], b["inside"]) == same_rank, (
                     f"model-parallel dropout masks of (tp {a['tp']}, dp {a['dp']}) and (tp {b['tp']}, dp {b['dp']})"
-                    f" must {'match' if same_tp else 'differ'}")
+                    f" must {'match' if same_rank else 'differ'}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

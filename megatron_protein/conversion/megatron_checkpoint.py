@@ -16,8 +16,10 @@ arXiv:1909.08053, section 3) and by renumbering each pipeline stage's local laye
 "merge the model-parallel partitions" step is needed before conversion.
 
 Canonical names are those of current Megatron BERT checkpoints (``language_model.encoder.layers.N.
-self_attention...``); older ones (Megatron-LM 2.x and ProteinLM: ``transformer``, ``attention``, nested
-dictionaries, ``model_parallel_size``) are renamed on load, and the fused QKV rows of checkpoint versions 0 and 1
+self_attention...``, what our pretraining writes); other ones (Megatron-LM 2.x and ProteinLM: ``transformer``,
+``attention``, ``model_parallel_size``; recent Megatron-LM: ``input_norm``, ``final_norm``, ``lm_head.norm``; the
+nested ``state_dict_for_save_checkpoint`` dictionaries of all of them and our older flat keys, see
+:mod:`megatron_protein.models.megatron_layout`) are renamed on load, and the fused QKV rows of checkpoint versions 0 and 1
 are reordered into the per-head ``[num_heads, 3, head_dim]`` layout of version >= 2 (the reordering Megatron's own
 ``fix_query_key_value_ordering`` applies).
 
@@ -41,6 +43,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from megatron_protein.models.megatron_layout import (canonical_bert_state, canonical_key,  # noqa: F401
+                                                     flatten_state_dict)
 from megatron_protein.utils.errors import UserError
 from megatron_protein.utils.safe_load import UnsafeFileError, load_torch_file
 
@@ -219,44 +223,11 @@ def load_shard_file(path: str, trust: bool = False) -> dict[str, Any]:
 # Canonical key names
 # ---------------------------------------------------------------------------------------------------------------
 
-def flatten_state_dict(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Flatten Megatron's nested ``state_dict_for_save_checkpoint`` dictionaries into dotted keys."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_state_dict(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-_RENAMES = (
-    (re.compile(r"^language_model\.transformer\."), "language_model.encoder."),
-    (re.compile(r"^(language_model\.encoder\.layers\.\d+\.)attention\."), r"\1self_attention."),
-)
-
-
-def canonical_key(key: str) -> str:
-    """Megatron-LM 2.x / ProteinLM names -> current names (``transformer`` -> ``encoder``, ``attention`` ->
-    ``self_attention``); a leading ``module.`` (DDP / Float16Module wrappers) is dropped."""
-    while key.startswith("module."):
-        key = key[len("module."):]
-    for pattern, replacement in _RENAMES:
-        key = pattern.sub(replacement, key)
-    return key
-
-
 def canonical_model_state(model: dict, path: str) -> dict[str, torch.Tensor]:
-    flat = flatten_state_dict(model)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in flat.items():
-        if not isinstance(value, torch.Tensor):
-            continue  # e.g. '_extra_state' entries of fused modules
-        name = canonical_key(key)
-        if name in out:
-            raise CheckpointError(f"{path}: keys {key!r} and another one both map to {name!r}")
-        out[name] = value
+    try:
+        out = canonical_bert_state(model)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     if any(k.startswith(("decoder.layers.", "embedding.word_embeddings.")) for k in out):
         raise CheckpointError(f"{path}: this is a Megatron-Core (mcore) model layout (decoder.layers.N...), which "
                               f"this converter does not read; save with the legacy BERT model (or convert with "

@@ -44,6 +44,13 @@ def _fsync_tree(root: str) -> None:
         fs.fsync_dir(directory)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def staged_directory(out: str, overwrite_files: bool = True, remove_stale: bool = True) -> Iterator[str]:
     """Write into a temporary sibling of ``out`` and publish it only when the block finishes without error.
@@ -52,6 +59,7 @@ def staged_directory(out: str, overwrite_files: bool = True, remove_stale: bool 
     made by ``mkdir -p``), each new file is moved into it with :func:`os.replace`. On any error the temporary
     directory is removed, so a failed conversion leaves neither a partial ``out`` nor a stray temporary. Every file
     is fsynced before it is published and every directory after, so a power cut cannot publish half a file.
+    The directory gets the mode a plain ``mkdir`` would (0777 less the umask), not ``mkdtemp``'s 0700.
     ``remove_stale`` removes the staging directories of earlier conversions into ``out`` that were killed (call it
     while holding ``out``'s lock, as the converters do).
     """
@@ -64,6 +72,7 @@ def staged_directory(out: str, overwrite_files: bool = True, remove_stale: bool 
     if remove_stale:
         fs.remove_stale_temp_files(parent, [re.escape(prefix) + fs.MKSTEMP_RANDOM])
     staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the published directory follows the umask
     try:
         yield staging
         _fsync_tree(staging)

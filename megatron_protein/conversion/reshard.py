@@ -13,7 +13,7 @@ of ``make_vocab_size_divisible_by x tp``), so a run started with the new degrees
 Padding rows that both layouts have are kept; rows only the new layout has are zero (embedding and MLM bias).
 With the project's defaults (30 tokens, divisible by 8) TP 1, 2 and 4 all pad to 32 and nothing changes.
 
-What is carried: model, args (with the new degrees and padded vocabulary, and the consumed-samples data
+What is carried: model (written in Megatron-LM's nested layout, whatever the source's), args (with the new degrees and padded vocabulary, and the consumed-samples data
 position), iteration, ``lr_scheduler``, the loss scaler, and the optimizer state when it is a per-parameter
 ``torch.optim`` state dict (this project's AdamW: ``exp_avg``/``exp_avg_sq`` have their parameter's shape and are
 merged and split exactly like it, so a resumed run continues as the original would have). What is not: per-rank
@@ -40,6 +40,7 @@ import torch
 from megatron_protein.conversion import megatron_checkpoint as mc
 from megatron_protein.conversion.output import staged_directory
 from megatron_protein.conversion.vocabulary import resolve_source_vocab
+from megatron_protein.models.megatron_layout import nest_bert_state
 from megatron_protein.utils.errors import UserError
 from megatron_protein.utils.locks import OutputLock
 
@@ -262,7 +263,8 @@ def _reshard(src, out, tp, pp, vocab_size, vocab, trust, allow_replicated_mismat
             relative = os.path.join(iteration_name, mc.shard_dirname(t, p, pp), mc.SHARD_FILENAMES[0])
             path = os.path.join(staging, relative)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model,
+            state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
+                     "model": nest_bert_state(model),  # Megatron-LM's nested layout, as the pretraining saves
                      "resharded_from": {"source": checkpoint.source, "tp": checkpoint.tp_size,
                                         "pp": checkpoint.pp_size,
                                         "optimizer": "resharded" if optimizers else "not carried",

@@ -334,6 +334,19 @@ def _convert(src, out, dst, target_dtype, hidden, heads, layers, vocab, formats,
     return conversion
 
 
+def loading_note(out: str, formats: Sequence[str] = ("tape",)) -> str:
+    """What the converter says last: how to load ``out``, and that songlab's tape-proteins loads it silently
+    wrong (its BERT is post-LN; ours is pre-LN)."""
+    hf = (f" or {os.path.join(out, HF_ESM_SUBDIR)} with transformers.EsmForMaskedLM.from_pretrained"
+          if "hf-esm" in formats else "")
+    return (f"note: {out} holds a pre-LN BERT. Load it with this project's TAPE code (from tape_tasks import "
+            f"ProteinBertModel, ProteinBertForMaskedLM, TAPETokenizer, in place of from tape import ...; or "
+            f"finetune/tape_train.py){hf}. Do not load it with songlab's tape-proteins: its post-LN "
+            f"ProteinBertModel.from_pretrained accepts this directory without an error, leaves its own LayerNorms "
+            f"and pooler at their initial values, ignores ours (input_ln, post_attn_ln, final_ln) and computes "
+            f"another function (docs/tape.md).")
+
+
 def _say(line: str, file: Optional[TextIO]) -> None:
     if file is not None:
         print(line, file=file)

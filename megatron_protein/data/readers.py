@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from megatron_protein.utils import lmdb_envs
 from megatron_protein.utils.errors import UserError
 from megatron_protein.utils.safe_load import load_record
 
@@ -283,12 +284,10 @@ def read_tape_lmdb(path: str) -> Iterator[SequenceRecord]:
     ``clan``, ``protein_length``; ``num_examples`` gives the count. Records are unpickled by the restricted
     unpickler of :func:`megatron_protein.utils.safe_load.load_record` (builtin values and NumPy arrays only), so a
     crafted record cannot run code."""
-    import lmdb
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"LMDB {path} does not exist")
-    env = lmdb.open(path, max_readers=1, readonly=True, lock=False, readahead=False, meminit=False,
-                    subdir=os.path.isdir(path))
+    env = lmdb_envs.acquire(path)  # shared with any other reader of the file in this process
     try:
         with env.begin(write=False) as txn:
             raw = txn.get(b"num_examples")
@@ -303,7 +302,7 @@ def read_tape_lmdb(path: str) -> Iterator[SequenceRecord]:
                     raise InputFormatError(f"{path}: record {i}: missing (num_examples says {count})")
                 yield _tape_record(load_record(value, f"{path}: record {i}"), f"{path}: record {i}", str(i))
     finally:
-        env.close()
+        lmdb_envs.release(env)
 
 
 def _tape_record(item: dict, location: str, default_name: str) -> SequenceRecord:

@@ -23,12 +23,16 @@ last stage keeps its own copy of the word embedding (``word_embeddings_for_head`
 the first stage's every step (:meth:`ProteinBertModel.shared_embedding_weight`).
 
 ``state_dict()`` yields Megatron's key names directly (``language_model.embedding.word_embeddings.weight``,
-``language_model.encoder.layers.0.self_attention.query_key_value.weight``, ``lm_head.bias``, ...), so checkpoints
-need no renaming and the converter reads ours and Megatron's/ProteinLM's alike.
+``language_model.encoder.layers.0.self_attention.query_key_value.weight``, ``lm_head.bias``, ...);
+:meth:`ProteinBertModel.state_dict_for_save_checkpoint` nests them as Megatron-LM's BERT saves them, and
+:meth:`ProteinBertModel.load_state_dict` reads that nested form, the names of other Megatron-LM and ProteinLM
+versions and the flat keys alike (:mod:`megatron_protein.models.megatron_layout`).
 
-Weights are drawn per block (embedding, each global layer, head) from a generator seeded with
-``init_seed + block index`` inside :func:`torch.random.fork_rng`, and the core's layers keep their shard of the
-full weight, so a model built at any TP x PP layout holds exactly the slices of the single-process model.
+Weights are drawn per block (embedding, each global layer, head) from a local ``torch.Generator`` seeded with
+``init_seed + block index`` (:func:`seeded_init`), and the core's layers keep their shard of the full weight, so a
+model built at any TP x PP layout holds exactly the slices of the single-process model, on every data-parallel
+replica alike. Building the model neither reads nor changes the process's generators (CPU or CUDA), so the
+dropout seeds of :func:`~megatron_protein.parallel.random.model_parallel_seed` hold on every device.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 from torch import nn
 
 from megatron_protein import kernels
+from megatron_protein.models import megatron_layout
 from megatron_protein.parallel import scg
 from megatron_protein.parallel import tensor_parallel as tp_layers
 from megatron_protein.parallel.collectives import copy_to_group
@@ -108,9 +113,10 @@ class BertConfig:
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """N(0, std) initialiser (Megatron's init_method_normal)."""
+    """N(0, std) initialiser (Megatron's init_method_normal), drawing from :func:`init_generator` inside
+    :func:`seeded_init` (tensors on the CPU, where every weight is built)."""
     def init_(tensor: torch.Tensor) -> torch.Tensor:
-        return nn.init.normal_(tensor, mean=0.0, std=std)
+        return nn.init.normal_(tensor, mean=0.0, std=std, generator=init_generator())
     return init_
 
 
@@ -120,12 +126,31 @@ def scaled_normal_init(std: float, num_layers: int) -> Callable[[torch.Tensor], 
     return normal_init(std / math.sqrt(2.0 * num_layers))
 
 
+_INIT_GENERATOR: list[torch.Generator] = []
+
+
+def init_generator() -> Optional[torch.Generator]:
+    """The generator of the innermost :func:`seeded_init` block (None outside one)."""
+    return _INIT_GENERATOR[-1] if _INIT_GENERATOR else None
+
+
 @contextlib.contextmanager
 def seeded_init(seed: int):
-    """Draw the weights made inside from ``torch.manual_seed(seed)`` and leave the global RNG as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+    """Draw the weights initialised inside from a local CPU generator seeded with ``seed``.
+
+    The initialisers here (:func:`normal_init`) take their numbers from that generator, never from the process's
+    generators: ``torch.manual_seed`` would also reseed every CUDA device and undo the per-stage and per-replica
+    dropout seeds. The default initialisation that ``nn.Linear``/``nn.Embedding`` run in their constructors (and
+    that :func:`normal_init` then overwrites) still draws from the CPU default generator; ``fork_rng(devices=[])``
+    puts its state back afterwards."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    _INIT_GENERATOR.append(generator)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield generator
+    finally:
+        _INIT_GENERATOR.pop()
 
 
 class BertEmbedding(nn.Module):
@@ -366,11 +391,18 @@ class ProteinBertModel(nn.Module):
     the last stage returns the logits of those positions only, ``[n, padded_vocab / tp]`` in row-major order (so
     ``labels[prediction_mask]`` lines up with them, see :func:`predicted_labels`), and its last transformer layer
     computes queries, attention output, MLP and residuals only there; keys and values still come from every
-    position. The loss and every gradient are those of the dense model (the MLM loss reads nothing else); the
+    position. With dropout off (``hidden_dropout = attention_dropout = 0``, or in eval) the loss and every gradient
+    are those of the dense model (the MLM loss reads nothing else). With dropout on they are not: the last layer
+    draws its masks for ``[b, m, ...]`` tensors instead of ``[b, s, ...]`` ones, so the masks at the predicted
+    positions come from other random numbers (the same distribution, another sample; the streams after that
+    layer differ too). The
     last layer's and the head's work shrink to the masked fraction (15%), which saves about 0.7 / L of a step
     for L layers. (The MLM head at masked positions only is the "sparse prediction" of Geiping & Goldstein 2023,
     Cramming, arXiv:2212.14034; the last layer's queries follow from the same argument.)
     """
+
+    #: Checkpoints hold Megatron BERT weights (``training.checkpointing`` loads any Megatron BERT into it).
+    megatron_bert = True
 
     def __init__(self, config: BertConfig, groups: Optional[scg.ParallelGroups] = None,
                  pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
@@ -402,6 +434,20 @@ class ProteinBertModel(nn.Module):
                 self.word_embeddings_for_head.weight.shared = True
         else:
             self.lm_head = None
+
+    def state_dict_for_save_checkpoint(self) -> dict:
+        """This stage's weights in Megatron-LM's nested BERT layout (``{'language_model': {'embedding': ...,
+        'encoder': ...}, 'lm_head': ..., 'word_embeddings_for_head': ...}``), what Megatron-LM's
+        ``BertModel.load_state_dict`` reads. Tensors are detached copies (not views of the data-parallel flat
+        buffer), so each is saved alone."""
+        return megatron_layout.nest_bert_state(
+            {key: value.detach().clone() for key, value in self.state_dict().items()})
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that also takes Megatron-LM's nested layout and the key names of other
+        Megatron-LM and ProteinLM versions (:func:`megatron_layout.canonical_bert_state`)."""
+        return super().load_state_dict(megatron_layout.canonical_bert_state(state_dict), strict=strict,
+                                       assign=assign)
 
     def shared_embedding_weight(self) -> Optional[torch.Tensor]:
         """The word-embedding copy whose gradient must be summed across the pipeline ends (None when pp == 1

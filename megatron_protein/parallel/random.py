@@ -3,19 +3,25 @@
 Two streams, following Megatron-LM's ``CudaRNGStatesTracker`` (Shoeybi et al. 2019, section 3: "we maintain a
 separate random number generator for dropout within model parallel regions"):
 
-* the **default generator** (``torch.manual_seed``) is seeded identically on every tensor-parallel rank and every
-  data-parallel rank. Weight initialisation draws from it (each rank builds the full weight and keeps its slice,
-  see :mod:`~megatron_protein.parallel.tensor_parallel`), and so does dropout *outside* tensor-parallel regions,
-  whose activations are replicated across tp ranks and must get the same mask there;
+* the **default generator** (``torch.manual_seed``) is seeded identically on every tensor-parallel rank of a
+  replica. Dropout *outside* tensor-parallel regions draws from it: those activations are replicated across tp
+  ranks and must get the same mask there;
 * the **model-parallel stream**, entered with ``with get_rng_tracker().fork():``, is seeded with
-  ``seed + 2718 + tp_rank``: different on each tp rank (dropout on attention heads or hidden units that live on
-  different ranks must be independent), equal across dp ranks (replicas of the same shard draw the same masks,
-  so the data-parallel run is the same function as the single-replica one for a given batch).
+  ``default seed + 2718 + tp_rank``: different on each tp rank (dropout on attention heads or hidden units that
+  live on different ranks must be independent).
 
-When a pipeline axis exists both seeds are offset by ``100 * pp_rank`` (Megatron's convention) so pipeline stages
-do not repeat each other's dropout masks. The tracker works on the generator of the device the groups run on
-(CPU generator on CPU, CUDA generator on a GPU); ``get_states`` / ``set_states`` save and restore it for exact
-resumption from a checkpoint.
+Both seeds are offset by ``100 * pp_rank`` (Megatron's convention) so pipeline stages do not repeat each other's
+dropout masks, and by ``1_000_003 * dp_rank`` so that data-parallel replicas draw independent masks: DP = N then
+samples dropout as one replica accumulating N micro-batches would (the same distribution; not the same masks,
+which no layout could give). Megatron-LM does the same with ``--data-parallel-random-init`` (offset ``10 *
+dp_rank``, which collides with the pipeline offset from dp = 10 on; ours does not below 10^4 stages). Weight
+initialisation does not use these generators: the model draws its weights from local generators seeded by the
+block (``models.bert.seeded_init``), so every replica starts from the same weights whatever the dp rank (and the
+data-parallel wrapper broadcasts rank 0's anyway).
+
+The tracker works on the generator of the device the groups run on (CPU generator on CPU, CUDA generator on a
+GPU); ``get_states`` / ``set_states`` save and restore it for exact resumption from a checkpoint, which keeps one
+RNG state per data-parallel rank (``training.checkpointing``).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 from . import scg
 
 __all__ = [
-    "MODEL_PARALLEL_RNG", "TENSOR_PARALLEL_SEED_OFFSET", "PIPELINE_SEED_STRIDE",
+    "MODEL_PARALLEL_RNG", "TENSOR_PARALLEL_SEED_OFFSET", "PIPELINE_SEED_STRIDE", "DATA_PARALLEL_SEED_STRIDE",
     "RNGStatesTracker", "get_rng_tracker", "model_parallel_seed", "ParallelSeeds",
 ]
 
@@ -38,6 +44,8 @@ MODEL_PARALLEL_RNG = "model-parallel-rng"
 TENSOR_PARALLEL_SEED_OFFSET = 2718
 #: Seed difference between consecutive pipeline stages (Megatron's constant).
 PIPELINE_SEED_STRIDE = 100
+#: Seed difference between data-parallel replicas (a prime far above the pipeline and tensor-parallel offsets).
+DATA_PARALLEL_SEED_STRIDE = 1_000_003
 
 
 def _get_state(device: torch.device) -> torch.Tensor:
@@ -138,13 +146,16 @@ class ParallelSeeds:
 def model_parallel_seed(seed: int, groups: Optional[scg.ParallelGroups] = None) -> ParallelSeeds:
     """Seed the default generator and the model-parallel stream of this rank.
 
-    default seed        = seed + 100 * pp_rank                  (same on every tp and dp rank of a stage)
-    model-parallel seed = seed + 100 * pp_rank + 2718 + tp_rank (differs across tp, same across dp)
+    default seed        = seed + 100 * pp_rank + 1_000_003 * dp_rank               (same on every tp rank)
+    model-parallel seed = default seed + 2718 + tp_rank                            (differs across tp)
+
+    At dp rank 0 these are Megatron-LM's seeds. ``torch.manual_seed`` seeds the CPU and, on a GPU, every CUDA
+    device (each process drives one).
     """
     pg = groups if groups is not None else scg.current()
-    default = seed + PIPELINE_SEED_STRIDE * pg.rank_in("pp")
+    default = seed + PIPELINE_SEED_STRIDE * pg.rank_in("pp") + DATA_PARALLEL_SEED_STRIDE * pg.rank_in("dp")
     model_parallel = default + TENSOR_PARALLEL_SEED_OFFSET + pg.rank_in("tp")
-    torch.manual_seed(default)  # seeds CPU and every CUDA device
+    torch.manual_seed(default)
     _TRACKER.reset(pg.device)
     _TRACKER.add(MODEL_PARALLEL_RNG, model_parallel)
     return ParallelSeeds(default=default, model_parallel=model_parallel)

@@ -14,6 +14,11 @@ Worked layout: 8 ranks, ``[('dp', None), ('pp', 2), ('tp', 2)]`` -> dp = 2, grid
     dp groups : [0, 4] [1, 5] [2, 6] [3, 7]
     mp groups : [0, 1, 2, 3] [4, 5, 6, 7]           (every axis but dp: one model replica)
 
+The order of the list is the rank order. Megatron-LM's (what the protein-LM pretraining uses by default) puts pp
+outermost, then dp, then tp: ``[('pp', P), ('dp', None), ('tp', T)]``, ``rank = (pp_rank * dp + dp_rank) * T +
+tp_rank``, so whole tp groups and then whole dp groups of one stage share a node and only pipeline sends cross nodes
+when tp x dp fits in one; :func:`nodes_spanned` tells for a layout and a node size.
+
 At world size 1 (a plain ``python script.py``) no process group is created, every degree is 1, every group is
 ``None``, and every collective in :mod:`megatron_protein.parallel.collectives` returns its input: the single-process
 run executes the same code path as the parallel one.
@@ -161,6 +166,16 @@ def grid_groups(degrees: dict[str, int], axes: Sequence[str]) -> list[list[int]]
             members.append(base + offset)
         groups.append(sorted(members))
     return groups
+
+
+def nodes_spanned(degrees: dict[str, int], ranks_per_node: int) -> dict[str, int]:
+    """For each axis, how many nodes its widest group spans when consecutive global ranks fill nodes of
+    ``ranks_per_node`` (what torchrun does: node n runs ranks ``[n * ranks_per_node, (n + 1) * ranks_per_node)``).
+    An axis with 1 keeps its traffic inside a node. Computed from the layout alone, without processes."""
+    if ranks_per_node < 1:
+        raise ParallelConfigError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
+    return {axis: max(len({rank // ranks_per_node for rank in members}) for members in grid_groups(degrees, [axis]))
+            for axis in degrees}
 
 
 def coordinates(rank: int, degrees: dict[str, int]) -> dict[str, int]:

@@ -140,7 +140,7 @@ def _sharded_weight(full_shape: tuple[int, ...], partition_dim: int, init_method
                     pg: scg.ParallelGroups) -> nn.Parameter:
     """Build the full weight on CPU with ``init_method`` (default generator, default dtype) and keep this rank's
     slice."""
-    full = torch.empty(full_shape)
+    full = torch.empty(full_shape, device="cpu")
     with torch.no_grad():
         init_method(full)
     shard = full.chunk(pg.size("tp"), dim=partition_dim)[pg.rank_in("tp")]

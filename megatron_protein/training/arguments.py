@@ -25,6 +25,8 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     #: How long a collective waits for the other ranks before the run fails (Megatron's default, 10 minutes).
     distributed_timeout_minutes: float = 10.0
+    #: Megatron-LM's --use-tp-pp-dp-mapping: ranks ordered (dp, pp, tp) instead of Megatron's default (pp, dp, tp).
+    use_tp_pp_dp_mapping: bool = False
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
@@ -33,17 +35,28 @@ class ParallelConfig:
             raise ValueError(f"--distributed-timeout-minutes must be > 0, got {self.distributed_timeout_minutes}")
 
     def degrees(self) -> list[tuple[str, Optional[int]]]:
-        """The scg layout: dp outermost (inferred), then pp, then tp innermost (adjacent ranks share a node)."""
-        return [("dp", None), ("pp", self.pipeline_model_parallel_size), ("tp", self.tensor_model_parallel_size)]
+        """The scg layout, outermost axis first (consecutive ranks share a node).
+
+        Default, Megatron-LM's order: tp innermost, then dp, then pp outermost (``rank = (pp_rank * dp + dp_rank)
+        * tp + tp_rank``), so a node holds whole tensor-parallel groups, then whole data-parallel groups of one
+        pipeline stage when tp x dp fits in it, and only the pipeline's point-to-point sends cross nodes.
+        ``--use-tp-pp-dp-mapping`` (Megatron-LM's flag): dp outermost, then pp, then tp."""
+        pp, tp = self.pipeline_model_parallel_size, self.tensor_model_parallel_size
+        if self.use_tp_pp_dp_mapping:
+            return [("dp", None), ("pp", pp), ("tp", tp)]
+        return [("pp", pp), ("dp", None), ("tp", tp)]
 
 
 @dataclass
 class DataConfig:
     """Where the samples come from. ``data_path`` is an indexed-dataset prefix: either the prefix given to
     ``preprocess --split-by-family`` (``PREFIX_{train,valid,test}`` exist: families held out) or one dataset that
-    ``split`` cuts into train/valid/test by sequence index (Megatron's --split)."""
+    ``split`` cuts into train/valid/test by sequence index (Megatron's --split). ``data_blend`` (from
+    ``--data-path 0.7 A 0.3 B`` or several prefixes) holds ``(weight, prefix)`` pairs instead, each prefix of
+    either kind; ``data_path`` is then None."""
 
     data_path: Optional[str] = None
+    data_blend: Optional[list[tuple[Optional[float], str]]] = None
     train_data_path: Optional[str] = None
     valid_data_path: Optional[str] = None
     test_data_path: Optional[str] = None
@@ -57,15 +70,54 @@ class DataConfig:
     seed: int = 1234
 
     def __post_init__(self):
-        if self.data_path is None and self.train_data_path is None:
+        if self.data_path is None and self.data_blend is None and self.train_data_path is None:
             raise ValueError("give --data-path PREFIX (or --train-data-path)")
-        weights = [float(x) for x in self.split.replace("/", ",").split(",")]
-        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"--split must be three non-negative weights like 949,50,1, got {self.split!r}")
+        split_weights(self.split)
         if not (0.0 <= self.mask_token_prob <= 1.0 and 0.0 <= self.random_token_prob <= 1.0
                 and self.mask_token_prob + self.random_token_prob <= 1.0):
             raise ValueError(f"--mask-token-prob {self.mask_token_prob} and --random-token-prob "
                              f"{self.random_token_prob} must be in [0, 1] with a sum <= 1")
+
+
+def split_weights(split: str) -> list[float]:
+    """Megatron's ``--split``: one to three non-negative weights (train, valid, test), separated by ``,`` or
+    ``/``; missing ones are 0 (``98,2`` = no test split). Raises ValueError otherwise."""
+    parts = [p.strip() for p in split.replace("/", ",").split(",")]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--split must be one to three non-negative weights (train, valid, test) like 949,50,1 or "
+                         f"98,2, got {split!r}")
+    return weights + [0.0] * (3 - len(weights))
+
+
+def parse_data_path(values: Optional[Sequence[str]]) -> tuple[Optional[str], Optional[list]]:
+    """Megatron's ``--data-path``: ``PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...`` (a weighted blend) or ``PREFIX1
+    PREFIX2 ...`` (a blend weighted by the datasets' sizes). Returns ``(prefix, None)`` for one prefix without a
+    weight and ``(None, [(weight or None, prefix), ...])`` for a blend."""
+    if not values:
+        return None, None
+    values = list(values)
+    if len(values) == 1:
+        return values[0], None
+
+    def number(text: str) -> Optional[float]:
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    weights = [number(v) for v in values[0::2]]
+    if len(values) % 2 == 0 and all(w is not None for w in weights):
+        if any(w is not None and not w > 0 for w in weights):
+            raise ValueError(f"--data-path: blend weights must be positive, got {values[0::2]}")
+        return None, [(float(w), prefix) for w, prefix in zip(weights, values[1::2])]
+    if any(number(v) is not None for v in values):
+        raise ValueError(f"--data-path {' '.join(values)}: expected PREFIX, WEIGHT PREFIX pairs (0.7 A 0.3 B) or "
+                         f"several prefixes, not a mix")
+    return None, [(None, prefix) for prefix in values]
 
 
 @dataclass
@@ -104,10 +156,17 @@ class LoggingConfig:
 class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: Optional[int] = None
-    train_iters: int = 1000
+    #: Iterations to train; with ``train_samples`` it is ``train_samples // global_batch_size`` (resolve_batch).
+    train_iters: Optional[int] = 1000
+    train_samples: Optional[int] = None
     exit_interval: Optional[int] = None  # stop (after saving) once iteration % exit_interval == 0
-    # The last layer and the MLM head only at the masked positions (same loss and gradients, less work); see
-    # ProteinBertModel. --no-sparse-prediction computes them at every position.
+    #: Stop (after saving) once this many minutes have passed since the start (Megatron's flag).
+    exit_duration_in_mins: Optional[float] = None
+    #: Save and stop at the end of the iteration during which the process received SIGTERM (Megatron's flag).
+    exit_signal_handler: bool = False
+    # The last layer and the MLM head only at the masked positions (less work; the same loss and gradients when
+    # dropout is 0, the same distribution of them otherwise); see ProteinBertModel. --no-sparse-prediction
+    # computes them at every position.
     sparse_prediction: bool = True
     # A step whose loss or gradient is not finite on any rank is skipped on every rank (Megatron's
     # --check-for-nan-in-loss-and-grad); after this many consecutive skips the run stops with an error.
@@ -115,8 +174,14 @@ class TrainConfig:
     max_consecutive_skipped_iterations: int = 10
 
     def __post_init__(self):
-        if self.micro_batch_size < 1 or self.train_iters < 1:
+        if self.micro_batch_size < 1 or (self.train_iters is not None and self.train_iters < 1):
             raise ValueError("--micro-batch-size and --train-iters must be >= 1")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise ValueError(f"--train-samples must be >= 1, got {self.train_samples}")
+        if self.train_iters is None and self.train_samples is None:
+            raise ValueError("give --train-iters or --train-samples")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ValueError(f"--exit-duration-in-mins must be > 0, got {self.exit_duration_in_mins}")
         if self.max_consecutive_skipped_iterations < 1:
             raise ValueError(f"--max-consecutive-skipped-iterations must be >= 1, got "
                              f"{self.max_consecutive_skipped_iterations}")
@@ -162,11 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=8)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro batch x data-parallel size (no accumulation)")
-    g.add_argument("--train-iters", type=int, default=1000)
+    g.add_argument("--train-iters", type=int, default=None, help="default 1000 (unless --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train on this many samples instead of --train-iters (iterations = samples // global batch)")
     g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and stop once this many minutes have passed since the start")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (what cluster schedulers send before the end of a job), finish the iteration, "
+                        "save a checkpoint and stop")
     g.add_argument("--no-sparse-prediction", action="store_false", dest="sparse_prediction",
                    help="compute the last layer and the MLM head at every position, not only at the masked ones "
-                        "(same loss and gradients, slower; for comparisons)")
+                        "(slower; with dropout 0 the same loss and gradients, with dropout other masks in the last layer)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     g.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")
@@ -182,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="with --train-samples; default: it")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="fraction of the decay steps")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -191,12 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="max global L2 norm; 0 disables")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", default=None,
-                   help="indexed-dataset prefix; PREFIX_{train,valid,test} when preprocess split it by family")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="indexed-dataset prefix (PREFIX_{train,valid,test} when preprocess split it by family), or "
+                        "a blend: W1 PREFIX1 W2 PREFIX2 ... (each dataset sampled in its weight's proportion)")
     g.add_argument("--train-data-path", default=None)
     g.add_argument("--valid-data-path", default=None)
     g.add_argument("--test-data-path", default=None)
-    g.add_argument("--split", default="949,50,1", help="train,valid,test weights when --data-path is one dataset")
+    g.add_argument("--split", default="949,50,1",
+                   help="train,valid,test weights when a prefix is one dataset (missing ones are 0: 98,2)")
     g.add_argument("--mask-prob", type=float, default=0.15, help="fraction of residues chosen for prediction")
     g.add_argument("--mask-token-prob", type=float, default=0.8,
                    help="of the chosen residues, the fraction shown as <mask> (BERT: 0.8)")
@@ -213,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="start the data-parallel all-reduce of each bucket during the last backward pass")
+    g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
+                   help="order ranks (dp, pp, tp) instead of Megatron's default (pp, dp, tp); tp is innermost in "
+                        "both")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
@@ -259,13 +338,40 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.seq_length > args.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}")
-    if args.lr_warmup_fraction is not None:
-        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
-            raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    check_schedule_flags(args)
     args.params_dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
     args.consumed_train_samples = 0
     args.consumed_valid_samples = 0
     return args
+
+
+def check_schedule_flags(args: argparse.Namespace) -> None:
+    """Megatron-LM's rules for the length and schedule flags (``validate_args``), as errors naming the flags; fills
+    in the default --train-iters 1000."""
+    if args.train_iters is not None and args.train_samples is not None:
+        raise ValueError("give --train-iters or --train-samples, not both")
+    if args.train_samples is None:
+        if args.train_iters is None:
+            args.train_iters = 1000
+        for name, default in (("lr_decay_samples", None), ("lr_warmup_samples", 0)):
+            if getattr(args, name) != default:
+                raise ValueError(f"--{name.replace('_', '-')} needs --train-samples (this run counts iterations: "
+                                 f"use --{name.replace('_samples', '_iters').replace('_', '-')})")
+    else:
+        for name, default in (("lr_decay_iters", None), ("lr_warmup_iters", 0)):
+            if getattr(args, name) != default:
+                raise ValueError(f"--{name.replace('_', '-')} cannot be used with --train-samples (use "
+                                 f"--{name.replace('_iters', '_samples').replace('_', '-')})")
+    if args.lr_warmup_fraction is not None:
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+        if args.lr_warmup_iters != 0 or args.lr_warmup_samples != 0:
+            given = "--lr-warmup-iters" if args.lr_warmup_iters != 0 else "--lr-warmup-samples"
+            raise ValueError(f"give --lr-warmup-fraction or {given}, not both (one would silently override the "
+                             f"other)")
+    if args.loss_scale is not None and not args.fp16:
+        raise ValueError(f"--loss-scale {args.loss_scale:g} is a static loss scale for --fp16; this run is "
+                         f"{'bf16' if args.bf16 else 'fp32'}, which needs none (add --fp16 or drop --loss-scale)")
 
 
 def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -280,19 +386,29 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         bias_dropout_fusion=args.bias_dropout_fusion, layernorm_fusion=args.layernorm_fusion,
         checkpoint_activations=args.checkpoint_activations)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                              args.overlap_grad_reduce, args.distributed_timeout_minutes)
+                              args.overlap_grad_reduce, args.distributed_timeout_minutes,
+                              args.use_tp_pp_dp_mapping)
     model.check_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
-    decay_iters = args.lr_decay_iters or args.train_iters
-    warmup = (int(args.lr_warmup_fraction * decay_iters) if args.lr_warmup_fraction is not None
-              else args.lr_warmup_iters)
+    warmup_samples = decay_samples = None
+    if args.train_samples is not None:  # the schedule in samples (Megatron's sample-based training)
+        decay_samples = args.lr_decay_samples or args.train_samples
+        warmup_samples = (int(args.lr_warmup_fraction * decay_samples) if args.lr_warmup_fraction is not None
+                          else args.lr_warmup_samples)
+        decay_iters, warmup = None, 0
+    else:
+        decay_iters = args.lr_decay_iters or args.train_iters
+        warmup = (int(args.lr_warmup_fraction * decay_iters) if args.lr_warmup_fraction is not None
+                  else args.lr_warmup_iters)
     optim = OptimConfig(
         lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style, lr_warmup_steps=warmup,
-        lr_decay_steps=decay_iters, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        lr_decay_steps=decay_iters, lr_warmup_samples=warmup_samples, lr_decay_samples=decay_samples,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad, fp16=args.fp16,
         bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
+    data_path, data_blend = parse_data_path(args.data_path)
     data = DataConfig(
-        data_path=args.data_path, train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
+        data_path=data_path, data_blend=data_blend, train_data_path=args.train_data_path, valid_data_path=args.valid_data_path,
         test_data_path=args.test_data_path, split=args.split, seq_length=args.seq_length,
         mask_prob=args.mask_prob, mask_token_prob=args.mask_token_prob,
         random_token_prob=args.random_token_prob, pack_sequences=args.pack_sequences, data_cache_path=args.data_cache_path,
@@ -305,7 +421,9 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
     logging_config = LoggingConfig(log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
                                    eval_interval=args.eval_interval, eval_iters=args.eval_iters)
     train = TrainConfig(micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-                        train_iters=args.train_iters, exit_interval=args.exit_interval,
+                        train_iters=args.train_iters, train_samples=args.train_samples,
+                        exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,
+                        exit_signal_handler=args.exit_signal_handler,
                         sparse_prediction=args.sparse_prediction,
                         check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
                         max_consecutive_skipped_iterations=args.max_consecutive_skipped_iterations)
@@ -321,4 +439,9 @@ def resolve_batch(train: TrainConfig, dp_size: int) -> int:
     if train.global_batch_size % per_step:
         raise ConfigError(f"--global-batch-size {train.global_batch_size} is not a multiple of micro batch "
                          f"{train.micro_batch_size} x data-parallel size {dp_size}")
+    if train.train_samples is not None:  # Megatron's update_train_iters with a constant batch size
+        train.train_iters = train.train_samples // train.global_batch_size
+        if train.train_iters < 1:
+            raise ConfigError(f"--train-samples {train.train_samples} is less than one global batch "
+                              f"({train.global_batch_size})")
     return train.global_batch_size // per_step

@@ -7,11 +7,22 @@ Layout (what Megatron-LM and ProteinLM write, so the converter reads theirs and 
     SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt          pp == 1, one file per tp rank
     SAVE/iter_0000100/mp_rank_01_001/model_optim_rng.pt      pp > 1: mp_rank_{tp:02d}_{pp:03d}
 
-Each file is a dict: ``args`` (argparse.Namespace with Megatron's names, including ``consumed_train_samples``),
-``checkpoint_version`` (3.0), ``iteration``, ``model`` (this rank's flat state dict in Megatron key names),
-``optimizer`` (the AdamW state and, for fp16, the loss scaler), ``lr_scheduler`` and ``rng_state`` (Python,
-NumPy, torch, CUDA and the model-parallel tracker's streams). Only data-parallel rank 0 writes: dp replicas hold
-the same model, optimizer and RNG state.
+Each file is a dict, Megatron-LM's (``megatron/training/checkpointing.py``): ``args`` (argparse.Namespace with
+Megatron's names, including ``consumed_train_samples``), ``checkpoint_version`` (3.0), ``iteration``, ``model``
+(this rank's weights; for the protein BERT the nested form Megatron-LM's ``BertModel.state_dict_for_save_checkpoint``
+writes, see :mod:`megatron_protein.models.megatron_layout`; a model without that method saves its flat
+``state_dict()``), ``optimizer`` (the AdamW state and, for fp16, the loss scaler), the LR schedule's position under
+``opt_param_scheduler`` (newer Megatron's name) and ``lr_scheduler`` (older Megatron's; the same dict, read from
+either), and ``rng_state``: Megatron's list with one entry per data-parallel rank (Python, NumPy, torch, CUDA and
+the model-parallel tracker's streams), gathered to the writer, each rank restoring its own (replicas draw
+different dropout masks, see ``parallel/random.py``). Only data-parallel rank 0 writes: dp replicas hold the same
+model and optimizer state.
+
+Loading (:func:`load_checkpoint`) takes our checkpoints of every version (nested, or flat keys as written before),
+Megatron-LM's and ProteinLM's: with ``--load`` this rank's file of the same TP/PP layout (weights, and the
+optimizer state only when it is this trainer's AdamW state: another's is refused, naming ``--no-load-optim``);
+with ``--finetune`` the weights of any TP/PP layout, merged by the converter's reader and split for this run
+(:func:`load_bert_weights_for_finetune`).
 
 Atomicity: every rank writes into ``SAVE/iter_0000100.tmp/``; after a barrier rank 0 renames that directory to
 ``iter_0000100`` (one ``os.replace``) and only then replaces ``latest_checkpointed_iteration.txt`` (written to a
@@ -34,6 +45,7 @@ any rank's file is missing, unreadable or refused.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import shutil
@@ -49,6 +61,8 @@ from megatron_protein.utils import fs
 from megatron_protein.utils.agree import from_rank0, on_all_ranks
 from megatron_protein.utils.errors import UserError
 from megatron_protein.utils.safe_load import UnsafeFileError, load_torch_file
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -110,6 +124,18 @@ def read_tracker_on_rank0(load: str, groups: Optional[scg.ParallelGroups] = None
     return from_rank0(lambda: read_tracker(load), groups, CheckpointError, what=f"reading {TRACKER_FILENAME}")
 
 
+def rng_states_of_replicas(groups: scg.ParallelGroups) -> list[dict]:
+    """Every data-parallel rank's :func:`rng_state`, in dp-rank order (an all-gather over the dp group: the
+    writer, dp rank 0, gets them all). Megatron-LM gathers the same list under ``--data-parallel-random-init``."""
+    mine = rng_state()
+    group = groups.group("dp")
+    if group is None:
+        return [mine]
+    gathered: list = [None] * groups.size("dp")
+    dist.all_gather_object(gathered, mine, group=group)
+    return gathered
+
+
 def rng_state() -> dict:
     state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
              "torch_rng_state": torch.get_rng_state(),
@@ -119,13 +145,24 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, path: str = "the checkpoint") -> None:
+    """Restore one :func:`rng_state` entry; :class:`CheckpointError` (before anything is set) when its streams
+    were saved on another kind of device (a CUDA checkpoint's tracker states on a CPU run)."""
+    tracker = tp_layers.get_rng_tracker()
+    expected = (torch.cuda.get_rng_state(tracker.device) if tracker.device.type == "cuda"
+                else torch.get_rng_state()).numel()
+    for name, value in state["rng_tracker_states"].items():
+        if torch.as_tensor(value).numel() != expected:
+            raise CheckpointError(
+                f"{path}: the RNG state of stream '{name}' has {torch.as_tensor(value).numel()} bytes, but a "
+                f"{tracker.device.type} generator's has {expected}: it was saved on another kind of device "
+                f"(Megatron-LM saves CUDA states); pass --no-load-rng")
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
     torch.set_rng_state(state["torch_rng_state"])
     if "cuda_rng_state" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
-    tp_layers.get_rng_tracker().set_states(state["rng_tracker_states"])
+    tracker.set_states(state["rng_tracker_states"])
 
 
 def _barrier(groups: scg.ParallelGroups) -> None:
@@ -181,6 +218,7 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
                 f"{', '.join(bad)}); the last complete checkpoint in {save} is unchanged")
 
     on_all_ranks(check_finite, groups, CheckpointError, what="the finiteness check of a save")
+    rng_list = rng_states_of_replicas(groups) if save_rng else None  # collective over dp
     if groups.rank == 0:
         os.makedirs(save, exist_ok=True)
         if os.path.exists(tmp_dir):  # left by a save that was interrupted
@@ -193,16 +231,16 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
-            # Cloned so that each tensor is saved alone, not as a view of the data-parallel flat buffer.
-            "model": {key: value.detach().clone() for key, value in model.state_dict().items()},
+            "model": model_state_for_save(model),
         }
         if save_optim:
             state["optimizer"] = {"optimizer": optimizer.state_dict(),
                                   "grad_scaler": loss_scaler.state_dict() if loss_scaler is not None else None}
-            state["lr_scheduler"] = scheduler.state_dict()
+            schedule = scheduler.state_dict()
+            state["opt_param_scheduler"] = schedule   # newer Megatron-LM's name
+            state["lr_scheduler"] = schedule          # older Megatron-LM's and ProteinLM's
         if save_rng:
-            # Megatron keeps a list with one entry per dp rank; dp replicas draw the same streams here.
-            state["rng_state"] = [rng_state()]
+            state["rng_state"] = rng_list  # Megatron's list: one entry per data-parallel rank
         rank_dir = os.path.join(tmp_dir, rank_dirname(groups.rank_in("tp"), groups.rank_in("pp"),
                                                       groups.size("pp")))
         os.makedirs(rank_dir, exist_ok=True)
@@ -229,6 +267,54 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
         fs.write_text_durably(os.path.join(save, TRACKER_FILENAME), str(iteration))
     _barrier(groups)
     return final_dir
+
+
+def model_state_for_save(model: torch.nn.Module) -> dict:
+    """What ``model`` saves: ``state_dict_for_save_checkpoint()`` when it has one (the protein BERT: Megatron's
+    nested layout), else its flat ``state_dict()``. Tensors are cloned, so each is saved alone, not as a view of
+    the data-parallel flat buffer."""
+    if hasattr(model, "state_dict_for_save_checkpoint"):
+        return model.state_dict_for_save_checkpoint()
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, path: str) -> dict:
+    """The torch optimizer state inside ``saved`` (our ``{'optimizer': ..., 'grad_scaler': ...}``) when it is this
+    trainer's: the same named parameter groups with the same numbers of parameters, every per-parameter tensor of
+    its parameter's shape. Anything else (Megatron-LM's fp16/distributed optimizer state, another model's) raises
+    :class:`CheckpointError` naming ``--no-load-optim``: torch would load some of it without complaint."""
+    inner = saved.get("optimizer") if isinstance(saved, dict) else None
+    ours = optimizer.param_groups
+    problem = None
+    if not isinstance(inner, dict) or not isinstance(inner.get("param_groups"), list) or not isinstance(
+            inner.get("state"), dict):
+        problem = "it is not a torch optimizer state wrapped as this trainer writes it"
+    elif [g.get("name") for g in inner["param_groups"]] != [g.get("name") for g in ours]:
+        problem = (f"its parameter groups {[g.get('name') for g in inner['param_groups']]} are not this "
+                   f"trainer's {[g.get('name') for g in ours]}")
+    else:
+        params = [p for g in ours for p in g["params"]]
+        for saved_group, group in zip(inner["param_groups"], ours):
+            if len(saved_group.get("params", ())) != len(group["params"]):
+                problem = (f"group '{group.get('name')}' holds {len(saved_group.get('params', ()))} parameters, "
+                           f"this model {len(group['params'])}")
+                break
+        for index, entry in (inner["state"].items() if problem is None else ()):
+            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+                problem = f"it has state for a parameter index {index!r} this model does not have"
+                break
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[index].shape:
+                    problem = (f"its '{key}' of parameter {index} has shape {tuple(value.shape)}, the parameter "
+                               f"{tuple(params[index].shape)}")
+                    break
+            if problem:
+                break
+    if problem is not None:
+        raise CheckpointError(f"{path}: the optimizer state cannot be resumed here: {problem} (a checkpoint of "
+                              f"Megatron-LM or of another optimizer?). Pass --no-load-optim to resume the weights "
+                              f"with a fresh optimizer, or --finetune to start a new run from them")
+    return inner
 
 
 def check_args_match(saved: argparse.Namespace, current: argparse.Namespace, path: str) -> None:
@@ -297,37 +383,132 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
             raise CheckpointError(f"{load}: no {TRACKER_FILENAME}; nothing to resume from (was a checkpoint "
                                   f"ever completed in this directory?)")
 
+    if finetune and getattr(model, "megatron_bert", False):
+        saved_args = load_bert_weights_for_finetune(load, model, args, groups, iteration, trust_checkpoint)
+        return {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0, "args": saved_args}
+
     def read_and_load_weights():
         state, path = load_state(load, groups, iteration, trust_checkpoint=trust_checkpoint)
         saved_args = state.get("args")
         if saved_args is not None:
             check_args_match(saved_args, args, path)
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"{path}: no 'model' entry (keys: {sorted(state)[:8]})")
+        try:
+            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: the weights do not fit this model: {exc}") from None
         if missing or unexpected:
+            hint = (" (a checkpoint with a pooler, binary head or token types loads with --finetune, which drops "
+                    "them)" if any(k.startswith(("language_model.pooler", "binary_head",
+                                                 "language_model.embedding.tokentype")) for k in unexpected)
+                    else "")
             raise CheckpointError(f"{path}: model keys do not match this model; missing {list(missing)}, "
-                                  f"unexpected {list(unexpected)}")
-        return state, path
+                                  f"unexpected {list(unexpected)}{hint}")
+        optimizer_state = None
+        if not finetune and load_optim and optimizer is not None:
+            if "optimizer" not in state:
+                raise CheckpointError(f"{path} holds no optimizer state (saved with --no-save-optim); "
+                                      f"pass --no-load-optim or --finetune")
+            optimizer_state = check_optimizer_state(state["optimizer"], optimizer, path)
+        rng = None
+        if not finetune and load_rng:
+            if "rng_state" not in state:
+                raise CheckpointError(f"{path} holds no RNG state (saved with --no-save-rng); pass --no-load-rng")
+            rng = state["rng_state"]
+            if isinstance(rng, list) and len(rng) == groups.size("dp"):
+                rng = rng[groups.rank_in("dp")]
+            elif isinstance(rng, list) and groups.size("dp") > 1:
+                rng = None  # saved with another number of replicas: see below
+            elif isinstance(rng, list):
+                rng = rng[0]
+            if rng is not None:
+                set_rng_state(rng, path)
+        return state, path, optimizer_state, rng
 
-    state, path = on_all_ranks(read_and_load_weights, groups, CheckpointError, what="loading the checkpoint")
+    state, path, optimizer_state, rng = on_all_ranks(read_and_load_weights, groups, CheckpointError,
+                                                     what="loading the checkpoint")
     saved_args = state.get("args")
     if finetune:
         return {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0, "args": saved_args}
-    if load_optim and optimizer is not None:
-        if "optimizer" not in state:
-            raise CheckpointError(f"{path} holds no optimizer state (saved with --no-save-optim); "
-                                  f"pass --no-load-optim or --finetune")
-        optimizer.load_state_dict(state["optimizer"]["optimizer"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
         if loss_scaler is not None and state["optimizer"].get("grad_scaler") is not None:
             loss_scaler.load_state_dict(state["optimizer"]["grad_scaler"])
-        if scheduler is not None and "lr_scheduler" in state:
-            scheduler.load_state_dict(state["lr_scheduler"])
-    if load_rng:
-        if "rng_state" not in state:
-            raise CheckpointError(f"{path} holds no RNG state (saved with --no-save-rng); pass --no-load-rng")
-        rng = state["rng_state"]
-        set_rng_state(rng[0] if isinstance(rng, list) else rng)
+        schedule = state.get("opt_param_scheduler", state.get("lr_scheduler"))
+        if scheduler is not None and schedule is not None:
+            scheduler.load_state_dict(schedule)
+    if load_rng and rng is None and groups.rank == 0:
+        logger.warning("%s holds %d RNG states but this run has %d data-parallel replicas: the RNG is not restored "
+                       "(dropout continues from --seed's streams, so the run does not repeat the original's "
+                       "masks)", path, len(state["rng_state"]), groups.size("dp"))
     iteration = state.get("iteration", 0)
     return {"iteration": 0 if iteration == "release" else int(iteration),
             "consumed_train_samples": int(getattr(saved_args, "consumed_train_samples", 0) or 0),
             "consumed_valid_samples": int(getattr(saved_args, "consumed_valid_samples", 0) or 0),
             "args": saved_args}
+
+
+#: Model sizes that --finetune needs equal between the checkpoint and this run.
+FINETUNE_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
+
+
+def load_bert_weights_for_finetune(load: str, model: torch.nn.Module, args: argparse.Namespace,
+                                   groups: scg.ParallelGroups, iteration: int | str,
+                                   trust_checkpoint: bool = False) -> Optional[argparse.Namespace]:
+    """``--finetune`` of a protein BERT from any Megatron BERT checkpoint: ours (any version), Megatron-LM's or
+    ProteinLM's, saved with any TP/PP degrees. Collective; returns the checkpoint's args.
+
+    Every rank reads all partitions with the converter's reader (:mod:`megatron_protein.conversion.
+    megatron_checkpoint`: nested or flat keys, old names, the QKV order of checkpoint versions 0 and 1, merged over
+    TP and PP), then: token-type embeddings (Megatron BERT's ``num_tokentypes = 2``) are folded into the position
+    embeddings for token type 0, the only one a protein input uses (exact); the pooler and the binary
+    (sentence-order) head, which this model does not have, are dropped (logged); a vocabulary other than ours
+    (ProteinLM's 31 tokens) has its rows moved to our ids by token name, padding rows zero; then the model is split
+    for this run's TP/PP layout (the reshard tool's rules) and this rank loads its part, strictly."""
+    from megatron_protein.conversion import megatron_checkpoint as mc
+    from megatron_protein.conversion.reshard import repad_vocab, split_full_state
+    from megatron_protein.conversion.vocabulary import resolve_source_vocab, tape_rows
+
+    def read():
+        source = resolve_iteration_dir(load, iteration)
+        checkpoint = mc.load_checkpoint(source, trust=trust_checkpoint)
+        full = mc.merge_partitions(checkpoint)
+        shape = mc.infer_shape(full, checkpoint.args, checkpoint.source,
+                               heads=None if getattr(checkpoint.args, "num_attention_heads", None) else
+                               getattr(args, "num_attention_heads", None))
+        diffs = [f"{name}: checkpoint {getattr(shape, name)}, arguments {getattr(args, name)}"
+                 for name in FINETUNE_SHAPE if getattr(args, name, None) != getattr(shape, name)]
+        if diffs:
+            raise CheckpointError(f"{checkpoint.source} has another model size than requested:\n  "
+                                  + "\n  ".join(diffs) + "\nUse the checkpoint's sizes.")
+        dropped = []
+        if mc.TOKENTYPE_EMBEDDINGS in full:
+            full[mc.POSITION_EMBEDDINGS] = full[mc.POSITION_EMBEDDINGS] + full.pop(mc.TOKENTYPE_EMBEDDINGS)[0]
+            dropped.append("tokentype_embeddings (row 0 folded into the position embeddings)")
+        for key in [k for k in full if k.startswith(("language_model.pooler.", "binary_head."))]:
+            dropped.append(key)
+            del full[key]
+        vocab_name, tokens = resolve_source_vocab("auto", checkpoint.args)
+        padded = int(args.padded_vocab_size)
+        if vocab_name != "tape":
+            rows = tape_rows(tokens, full[mc.WORD_EMBEDDINGS].shape[0], vocab_name)
+            for key in (mc.WORD_EMBEDDINGS, mc.LM_HEAD_BIAS):
+                if key in full:
+                    full[key] = full[key][rows]
+            dropped.append(f"vocabulary rows of {vocab_name} moved to our ids")
+        full = repad_vocab(full, padded)
+        part = split_full_state(full, groups.size("tp"), groups.size("pp"))[(groups.rank_in("tp"),
+                                                                             groups.rank_in("pp"))]
+        missing, unexpected = model.load_state_dict(part, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{checkpoint.source}: its weights do not fit this model; missing "
+                                  f"{list(missing)}, unexpected {list(unexpected)}")
+        return checkpoint, dropped
+
+    checkpoint, dropped = on_all_ranks(read, groups, CheckpointError, what="loading the weights for --finetune")
+    if groups.rank == 0:
+        logger.info("--finetune: weights of %s (tp=%d, pp=%d, iteration %s)%s", checkpoint.source,
+                    checkpoint.tp_size, checkpoint.pp_size, checkpoint.iteration,
+                    f"; not used or adapted: {', '.join(dropped)}" if dropped else "")
+    return checkpoint.args

@@ -33,8 +33,11 @@ class OptimConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_decay_style: str = "linear"  # constant | linear | cosine
-    lr_warmup_steps: int = 0
-    lr_decay_steps: Optional[int] = None  # defaults to train_iters
+    lr_warmup_steps: int = 0  # iterations
+    lr_decay_steps: Optional[int] = None  # iterations; defaults to train_iters
+    # Sample-based training (--train-samples): the schedule in samples; the iteration fields are then unused.
+    lr_warmup_samples: Optional[int] = None
+    lr_decay_samples: Optional[int] = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -47,6 +50,13 @@ class OptimConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+
+    def schedule_in_samples(self, global_batch_size: int, train_iters: int) -> tuple[int, int]:
+        """(warmup, decay) of the LR schedule in samples, what :class:`LRScheduler` counts in the pretraining."""
+        if self.lr_decay_samples is not None:
+            return int(self.lr_warmup_samples or 0), int(self.lr_decay_samples)
+        return (self.lr_warmup_steps * global_batch_size,
+                (self.lr_decay_steps or train_iters) * global_batch_size)
 
     def __post_init__(self):
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
@@ -79,23 +89,32 @@ def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.
 
 
 class LRScheduler:
-    """Warmup then constant / linear / cosine decay (Megatron's OptimizerParamScheduler); stateful."""
+    """Warmup then constant / linear / cosine decay (Megatron's OptimizerParamScheduler); stateful.
+
+    Positions are counted in units of ``increment`` per optimizer step: the pretraining counts samples (increment
+    = the global batch size), as Megatron-LM does, so ``--lr-warmup-samples``/``--lr-decay-samples`` and the
+    iteration flags (converted to samples) use one schedule, and the state is Megatron's. With the default
+    increment of 1 a position is an iteration."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_lr: float, min_lr: float, warmup_steps: int,
-                 decay_steps: int, decay_style: str):
+                 decay_steps: int, decay_style: str, increment: int = 1):
         if decay_steps < warmup_steps:
             raise ValueError(f"lr decay steps {decay_steps} are fewer than warmup steps {warmup_steps}")
+        if increment < 1:
+            raise ValueError(f"the schedule's increment per step must be >= 1, got {increment}")
         self.optimizer = optimizer
         self.max_lr, self.min_lr = max_lr, min_lr
         self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
         self.decay_style = decay_style
+        self.increment = increment
         self.num_steps = 0
         self._apply()
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step ``step`` (0-based): warmup steps 0..W-1 use max_lr (k+1)/W."""
+        """Learning rate of the optimizer step that starts at position ``step`` (0-based): during warmup,
+        max_lr (step + increment) / warmup, so with increment 1 warmup steps 0..W-1 use max_lr (k+1)/W."""
         if step < self.warmup_steps:
-            return self.max_lr * (step + 1) / self.warmup_steps
+            return self.max_lr * (step + self.increment) / self.warmup_steps
         if self.decay_style == "constant":
             return self.max_lr
         if step >= self.decay_steps:
@@ -113,7 +132,7 @@ class LRScheduler:
             group["lr"] = lr
 
     def step(self) -> None:
-        self.num_steps += 1
+        self.num_steps += self.increment
         self._apply()
 
     @property
@@ -121,13 +140,25 @@ class LRScheduler:
         return self.lr_at(self.num_steps)
 
     def state_dict(self) -> dict:
-        return {"max_lr": self.max_lr, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps,
-                "decay_steps": self.decay_steps, "decay_style": self.decay_style, "num_steps": self.num_steps}
+        """Megatron-LM's ``OptimizerParamScheduler.state_dict`` keys (positions in samples when the pretraining
+        counts samples), so Megatron-LM resumes the schedule from our checkpoints, plus ``increment``."""
+        return {"max_lr": self.max_lr, "min_lr": self.min_lr, "lr_warmup_steps": self.warmup_steps,
+                "lr_decay_steps": self.decay_steps, "lr_decay_style": self.decay_style,
+                "num_steps": self.num_steps, "increment": self.increment}
 
     def load_state_dict(self, state: dict) -> None:
-        # The schedule's shape comes from the current arguments (as Megatron's --override-opt_param-scheduler);
-        # only the position in it is restored.
-        self.num_steps = int(state["num_steps"])
+        """Restore the position in the schedule. The schedule's shape comes from the current arguments (as
+        Megatron's --override-opt_param-scheduler); only the position is read. Megatron-LM's state (and ours
+        since it uses Megatron's keys) counts samples; our older state (``warmup_steps`` instead of
+        ``lr_warmup_steps``) counted iterations, converted here with this schedule's increment."""
+        if "num_steps" in state:
+            steps = int(state["num_steps"])
+        elif "num_iters" in state:  # Megatron-LM 1.x
+            steps = int(state["num_iters"])
+        else:
+            raise KeyError("the scheduler state has no 'num_steps'")
+        old_ours = "warmup_steps" in state and "lr_warmup_steps" not in state
+        self.num_steps = steps * self.increment if old_ours else steps
         self._apply()
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -50,8 +51,11 @@ from megatron_protein.training.logging_utils import TrainingLogger, logger
 from megatron_protein.training.mlm_metrics import MLMMetrics, training_frequencies
 from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler, build_optimizer, clip_grad_norm,
                                                  grads_are_finite)
-from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, attention_mask, build_datasets,
-                                                     check_training_data, micro_batch_loader, residue_counts,
+from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, attention_mask,
+                                                     blend_residue_counts, blend_sources_by_split,
+                                                     build_blended_datasets, build_datasets,
+                                                     check_blend_training_data, check_training_data,
+                                                     micro_batch_loader, residue_counts, resolve_blend,
                                                      resolve_sources, split_titles)
 from megatron_protein.utils.agree import on_all_ranks
 from megatron_protein.utils.errors import NonFiniteLossError
@@ -82,6 +86,31 @@ class TrainResult:
     checkpoint_dir: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     elapsed_seconds: float = 0.0
+    saved_at: Optional[int] = None      # iteration of the last checkpoint this run wrote
+    exit_reason: Optional[str] = None   # why the run stopped before --train-iters (an --exit-* flag)
+
+
+class ExitSignal:
+    """Megatron's ``--exit-signal-handler``: while installed, SIGTERM only sets :attr:`received` (the loop then
+    finishes the iteration, saves and stops, :meth:`Pretrainer._exit_reason`); :meth:`restore` puts the previous
+    handler back. Under torchrun, a SIGTERM to the launcher is passed on to every worker, which then has the
+    launcher's grace period (30 s by default) before SIGKILL; schedulers such as Slurm signal every process of the
+    job step themselves."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        self._previous = None
+        self.enabled = enabled
+        if enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self.enabled = False
 
 
 def autocast_context(config: PretrainConfig, device: torch.device):
@@ -107,17 +136,27 @@ def _from_last_stage(tensor: torch.Tensor, groups: scg.ParallelGroups) -> torch.
 class Pretrainer:
     """Holds the model, optimizer and data position of one run; :meth:`train` runs it."""
 
-    def __init__(self, config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None):
+    def __init__(self, config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None,
+                 start_time: Optional[float] = None):
+        #: time.monotonic() at the start of the job (--exit-duration-in-mins counts from here).
+        self.start_time = start_time if start_time is not None else time.monotonic()
         self.config = config
         self.groups = groups = groups if groups is not None else scg.current()
         args = config.args
         self.num_micro_batches = resolve_batch(config.train, groups.size("dp"))
         # The data is checked before anything is built: an empty training split fails here, naming its file.
-        self.sources = resolve_sources(config.data.data_path, config.data.split, config.data.train_data_path,
-                                       config.data.valid_data_path, config.data.test_data_path)
-        check_training_data(self.sources, config.data.split, config.data.data_path)
+        self.blend_sources = None
+        if config.data.data_blend is not None:
+            self.blend_sources = resolve_blend(config.data.data_blend, config.data.split)
+            check_blend_training_data(self.blend_sources, config.data.split)
+            self.sources = {}
+        else:
+            self.sources = resolve_sources(config.data.data_path, config.data.split, config.data.train_data_path,
+                                           config.data.valid_data_path, config.data.test_data_path)
+            check_training_data(self.sources, config.data.split, config.data.data_path)
         # What checkpoints record (Megatron's names), including what only the world size decides.
         args.global_batch_size = config.train.global_batch_size
+        args.train_iters = config.train.train_iters
         args.data_parallel_size = groups.size("dp")
         args.world_size = groups.world_size
         args.padded_vocab_size = config.model.padded_vocab_size(groups.size("tp"))
@@ -133,10 +172,10 @@ class Pretrainer:
         sync_tied_parameters(self.tied_params, groups)
 
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.scheduler = LRScheduler(self.optimizer, config.optim.lr, config.optim.min_lr,
-                                     config.optim.lr_warmup_steps,
-                                     config.optim.lr_decay_steps or config.train.train_iters,
-                                     config.optim.lr_decay_style)
+        # The schedule counts samples, as Megatron-LM's (so its state is Megatron's and --lr-*-samples work).
+        warmup, decay = config.optim.schedule_in_samples(config.train.global_batch_size, config.train.train_iters)
+        self.scheduler = LRScheduler(self.optimizer, config.optim.lr, config.optim.min_lr, warmup, decay,
+                                     config.optim.lr_decay_style, increment=config.train.global_batch_size)
         self.loss_scaler = None
         if config.optim.fp16:
             self.loss_scaler = DynamicLossScaler(
@@ -166,20 +205,29 @@ class Pretrainer:
         train, data = config.train, config.data
         sources = self.sources
         eval_samples = config.logging.eval_iters * train.global_batch_size
-        self.datasets = build_datasets(
-            sources, data.seq_length, {"train": train.train_iters * train.global_batch_size}, data.seed,
-            data.mask_prob, data.pack_sequences, data.data_cache_path, mask_token_prob=data.mask_token_prob,
-            random_token_prob=data.random_token_prob)
+        if self.blend_sources is not None:  # --data-path W1 A W2 B: every split a BlendedDataset
+            def build(counts, mask_prob, mask_token_prob, random_token_prob):
+                return build_blended_datasets(self.blend_sources, data.seq_length, counts, data.seed, mask_prob,
+                                              data.pack_sequences, data.data_cache_path,
+                                              mask_token_prob=mask_token_prob, random_token_prob=random_token_prob)
+            sources = blend_sources_by_split(self.blend_sources)
+            train_counts = blend_residue_counts(self.blend_sources, "train")
+        else:
+            def build(counts, mask_prob, mask_token_prob, random_token_prob):
+                return build_datasets(sources, data.seq_length, counts, data.seed, mask_prob, data.pack_sequences,
+                                      data.data_cache_path, mask_token_prob=mask_token_prob,
+                                      random_token_prob=random_token_prob)
+            train_counts = residue_counts(sources["train"])
+        self.datasets = build({"train": train.train_iters * train.global_batch_size}, data.mask_prob,
+                              data.mask_token_prob, data.random_token_prob)
         # Held-out sets are always masked as BERT masks (15%; 80% <mask>, 10% random, 10% kept), whatever the
         # training masking, so that runs with other --mask-prob / --mask-token-prob are scored on the same task.
-        held_out = build_datasets(sources, data.seq_length,
-                                  {name: eval_samples for name in VALID_SPLITS + TEST_SPLITS}, data.seed,
-                                  EVAL_MASK_PROB, data.pack_sequences, data.data_cache_path,
-                                  mask_token_prob=EVAL_MASK_TOKEN_PROB, random_token_prob=EVAL_RANDOM_TOKEN_PROB)
+        held_out = build({name: eval_samples for name in VALID_SPLITS + TEST_SPLITS}, EVAL_MASK_PROB,
+                         EVAL_MASK_TOKEN_PROB, EVAL_RANDOM_TOKEN_PROB)
         self.datasets.update({name: held_out[name] for name in VALID_SPLITS + TEST_SPLITS})
         self.split_titles = split_titles(data.data_path, sources)
         # The context-free baseline a model must beat: the training set's residue frequencies.
-        self.train_frequencies = training_frequencies(residue_counts(sources["train"]), config.model.vocab_size)
+        self.train_frequencies = training_frequencies(train_counts, config.model.vocab_size)
         self._masked_stats = torch.zeros(2, dtype=torch.float64, device=groups.device)  # this step: sum, count
         self.activation_shape = (train.micro_batch_size, data.seq_length, config.model.hidden_size)
 
@@ -331,7 +379,7 @@ class Pretrainer:
         train, log_cfg, ckpt = cfg.train, cfg.logging, cfg.checkpoint
         result = TrainResult(start_iteration=self.iteration, checkpoint_dir=ckpt.save,
                              tensorboard_dir=log_cfg.tensorboard_dir)
-        started = time.monotonic()
+        self._train_started = time.monotonic()
         tokens_per_iteration = train.global_batch_size * cfg.data.seq_length
         log = TrainingLogger(train.train_iters, log_cfg.log_interval, tokens_per_iteration,
                              is_writer=groups.rank == 0, tensorboard_dir=log_cfg.tensorboard_dir,
@@ -340,6 +388,12 @@ class Pretrainer:
         log.info("%s | this rank's model shard: %s parameters | global batch %d = micro %d x %d micro-batches x "
                  "dp %d | %d tokens per iteration", groups.describe(), f"{n_params:,}", train.global_batch_size,
                  train.micro_batch_size, self.num_micro_batches, groups.size("dp"), tokens_per_iteration)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", groups.world_size) or groups.world_size)
+        if 0 < per_node < groups.world_size:
+            spans = scg.nodes_spanned(groups.degrees, per_node)
+            log.info("rank order %s (outermost first), %d ranks per node: %s", ", ".join(groups.axes), per_node,
+                     ", ".join(f"{axis} groups span {spans[axis]} node{'s' if spans[axis] > 1 else ''}"
+                               for axis in groups.axes if groups.size(axis) > 1))
         log.info("held-out sets: %s; the unigram baselines are the training residue frequencies and each set's "
                  "own", ", ".join(f"{name} ({title})" for name, title in self.split_titles.items()) or "none")
         if self.iteration:
@@ -354,6 +408,36 @@ class Pretrainer:
         else:
             log.info("the run is complete (iteration %d of %d); nothing to train", self.iteration,
                      train.train_iters)
+        exit_signal = ExitSignal(train.exit_signal_handler)
+        try:
+            self._train_loop(result, log, loader, exit_signal)
+        finally:
+            exit_signal.restore()
+        return self._finish(result, log)
+
+    def _exit_reason(self, exit_signal: "ExitSignal") -> Optional[str]:
+        """Why the run stops after this iteration (Megatron's --exit-interval, --exit-signal-handler,
+        --exit-duration-in-mins), or None. The signal and the clock are voted on by every rank (one MAX all-reduce,
+        only when either flag is given), so all ranks stop and save at the same iteration even when only some
+        received the signal or their clocks disagree."""
+        train = self.config.train
+        if train.exit_interval is not None and self.iteration % train.exit_interval == 0:
+            return f"--exit-interval {train.exit_interval}"
+        if not train.exit_signal_handler and train.exit_duration_in_mins is None:
+            return None
+        minutes = (time.monotonic() - self.start_time) / 60.0
+        flags = torch.tensor([float(exit_signal.received),
+                              float(train.exit_duration_in_mins is not None and minutes > train.exit_duration_in_mins)],
+                             device=self.groups.device)
+        _all_reduce(flags, self.groups.group("world"), op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return "SIGTERM received (--exit-signal-handler)"
+        if flags[1] > 0:
+            return f"--exit-duration-in-mins {train.exit_duration_in_mins:g} passed"
+        return None
+
+    def _train_loop(self, result: TrainResult, log: TrainingLogger, loader, exit_signal: "ExitSignal") -> None:
+        train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
         saved_at = None
         while self.iteration < train.train_iters:
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
@@ -376,7 +460,8 @@ class Pretrainer:
             if log_cfg.eval_iters > 0 and (self.iteration % log_cfg.eval_interval == 0
                                            or self.iteration == train.train_iters):
                 self._evaluate_splits(VALID_SPLITS, log, result)
-            exiting = train.exit_interval is not None and self.iteration % train.exit_interval == 0
+            exit_reason = self._exit_reason(exit_signal)
+            exiting = exit_reason is not None
             if ckpt.save and ((ckpt.save_interval and self.iteration % ckpt.save_interval == 0) or exiting
                               or self.iteration == train.train_iters):
                 self.save()
@@ -384,16 +469,21 @@ class Pretrainer:
                 log.info("saved checkpoint of iteration %d to %s", self.iteration,
                          checkpointing.iteration_dir(ckpt.save, self.iteration))
             if exiting:
-                log.info("exiting at iteration %d (--exit-interval %d)", self.iteration, train.exit_interval)
+                result.exit_reason = exit_reason
+                log.info("exiting at iteration %d (%s)%s", self.iteration, exit_reason,
+                         "" if ckpt.save else "; no --save, so nothing was saved")
                 break
+        result.saved_at = saved_at
 
+    def _finish(self, result: TrainResult, log: TrainingLogger) -> TrainResult:
+        train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
         if self.iteration == train.train_iters and log_cfg.eval_iters:
             self._evaluate_splits(TEST_SPLITS, log, result)
-            log.final_summary(self.iteration, result.evaluations, time.monotonic() - started)
+            log.final_summary(self.iteration, result.evaluations, time.monotonic() - self._train_started)
         result.iteration = self.iteration
         result.consumed_train_samples = self.consumed_train_samples
-        if saved_at is not None:
-            log.info("checkpoints: %s (latest iteration %d)", ckpt.save, saved_at)
+        if result.saved_at is not None:
+            log.info("checkpoints: %s (latest iteration %d)", ckpt.save, result.saved_at)
         if log_cfg.tensorboard_dir:
             log.info("TensorBoard logs: %s (tensorboard --logdir %s)", log_cfg.tensorboard_dir,
                      log_cfg.tensorboard_dir)
@@ -401,10 +491,33 @@ class Pretrainer:
         return result
 
 
-def resolved_data_paths(args) -> dict[str, Optional[str]]:
+def _real_data_path(value):
+    """A data argument as real paths: a prefix, or Megatron's list ``[PREFIX]`` / ``[W1, PREFIX1, ...]`` (the
+    weights kept as numbers, so a changed weight counts as other data)."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    if not values:
+        return None
+    resolved = []
+    for item in values:
+        try:
+            resolved.append(float(item))
+        except (TypeError, ValueError):
+            resolved.append(os.path.realpath(str(item)))
+    return resolved[0] if len(resolved) == 1 else resolved
+
+
+def _as_flag_value(value) -> str:
+    """A data argument as it was typed: Megatron's ``--data-path`` list joined by spaces."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def resolved_data_paths(args) -> dict:
     """The data arguments as real paths (what checkpoints record in ``args.resolved_data_paths``)."""
-    return {name: (os.path.realpath(str(getattr(args, name))) if getattr(args, name, None) is not None else None)
-            for name in DATA_PATH_ARGS}
+    return {name: _real_data_path(getattr(args, name, None)) for name in DATA_PATH_ARGS}
 
 
 def check_same_data(saved_args, args, load: str, iteration) -> None:
@@ -419,7 +532,7 @@ def check_same_data(saved_args, args, load: str, iteration) -> None:
     for name in DATA_PATH_ARGS:
         old, new = recorded.get(name), current.get(name)
         if old != new:
-            old, new = getattr(saved_args, name, None), getattr(args, name, None)
+            old, new = (_as_flag_value(getattr(saved_args, name, None)), _as_flag_value(getattr(args, name, None)))
             flag = "--" + name.replace("_", "-")
             raise checkpointing.CheckpointError(
                 f"{checkpointing.iteration_dir(load, iteration)}: this checkpoint was trained with {flag} {old}, "
@@ -439,7 +552,7 @@ def pretrain(config: PretrainConfig, groups: Optional[scg.ParallelGroups] = None
         on_all_ranks(lambda: lock.acquire() if groups.rank == 0 else None, groups, LockError,
                      what="locking --save")
     try:
-        result = Pretrainer(config, groups).train()
+        result = Pretrainer(config, groups, start_time=started).train()
     finally:
         if lock is not None:
             lock.release()
