@@ -32,7 +32,7 @@ EXTRAS = {
     "hf": ["transformers>=4.40", "fair-esm>=2.0"],
     # OpenFold's pure-Python import dependencies (besides scipy), for bench/evoformer.py and the tests that compare
     # the Evoformer with OpenFold's; OpenFold itself is unpacked outside the repo (see docs/evoformer.md).
-    "bench": ["dm-tree>=0.1.8", "biopython>=1.80", "modelcif>=1.0"],
+    "bench": ["dm-tree>=0.1.8", "biopython>=1.80", "modelcif>=1.0", "ml-collections>=0.1"],
 }
 
 setup(

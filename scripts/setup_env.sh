@@ -6,7 +6,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEGATRON_PROTEIN_VENV:-$REPO_ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${MEGATRON_PROTEIN_EXTRAS:-test,kernels,hf}"
+EXTRAS="${MEGATRON_PROTEIN_EXTRAS:-test,kernels,hf,bench}"
 
 stamp_of() {
   cat "$REPO_ROOT/setup.py" "$REPO_ROOT/constraints.txt" | sha256sum | cut -d' ' -f1
