@@ -13,10 +13,17 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     # tape_tasks.attention_contacts: the L1 logistic regression on attention maps (Rao et al. 2020, as ESM fits it)
     "scikit-learn>=1.3",
+    # MSAs: jackhmmer in process and easel's Stockholm reader (megatron_protein/data/msa.py).
+    "pyhmmer>=0.10",
+    # Structures: PDB/mmCIF reading and writing, sequence alignment, reference metrics (megatron_protein.structure).
+    "biotite>=1.1",  # lddt, tm_score (used by the tests) arrived in 1.1; tested with 1.6.0
+    # The TM-score/GDT search runs thousands of tiny GEMMs: one BLAS thread is several times faster there.
+    "threadpoolctl>=3.1",
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    # tmtools (TM-align's C++ code) is the reference the structure metrics are checked against.
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "tmtools>=0.2"],
     # Triton runs the fused kernels on CUDA; on CPU its interpreter (TRITON_INTERPRET=1) checks them.
     "kernels": ["triton==3.9.0"],
     # Peers for benchmarks and the Hugging Face export of the converter.
