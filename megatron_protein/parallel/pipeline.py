@@ -238,11 +238,14 @@ class P2PCommunicator:
             from_next = torch.empty(tuple(recv_next_shape), dtype=self.dtype, device=self.device)
             ops["recv_next"] = dist.P2POp(dist.irecv, from_next, self.next_rank, self.gradient_group)
         ops = [ops[name] for name in EXCHANGE_ORDER if name in ops]  # activations first (class docstring)
-        if ops:
-            # One batch: NCCL runs the sends and receives of a step as one group (no ordering deadlock between
-            # neighbours sending to each other); gloo posts them one by one. Either way all are posted first.
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
+        # One batch per channel (batch_isend_irecv takes one group), every batch posted before any is waited on:
+        # NCCL runs the sends and receives of a batch as one group (no ordering deadlock between neighbours sending
+        # to each other); gloo posts them one by one.
+        requests = []
+        for group in dict.fromkeys(op.group for op in ops):
+            requests += dist.batch_isend_irecv([op for op in ops if op.group is group])
+        for request in requests:
+            request.wait()
         if from_prev is not None:
             from_prev.requires_grad_(True)
         return from_prev, from_next
