@@ -146,6 +146,10 @@ def reshard_optimizer(checkpoint: mc.MegatronCheckpoint, new_models: dict[tuple[
                       tp: int, pp: int, new_padded: int,
                       allow_mismatch: bool = False) -> Optional[dict[tuple[int, int], dict]]:
     """The optimizer state of every new partition, or None (with a warning) when it cannot be carried."""
+    if checkpoint.num_chunks > 1:
+        logger.warning("%s: the optimizer state of an interleaved checkpoint (%d model chunks per rank) is not "
+                       "carried (resume with --no-load-optim)", checkpoint.source, checkpoint.num_chunks)
+        return None
     wrapped = [checkpoint.extras[key].get("optimizer") for key in sorted(checkpoint.partitions)]
     if any(w is None for w in wrapped):
         return None

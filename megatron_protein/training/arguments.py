@@ -27,6 +27,14 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10.0
     #: Megatron-LM's --use-tp-pp-dp-mapping: ranks ordered (dp, pp, tp) instead of Megatron's default (pp, dp, tp).
     use_tp_pp_dp_mapping: bool = False
+    #: Model chunks per pipeline rank (interleaved 1F1B), from --num-layers-per-virtual-pipeline-stage; None: 1F1B.
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    #: --sequence-parallel: LayerNorm, dropout and residuals on a 1/tp slice of the sequence (needs tp > 1).
+    sequence_parallel: bool = False
+
+    @property
+    def num_model_chunks(self) -> int:
+        return self.virtual_pipeline_model_parallel_size or 1
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
@@ -289,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="start the data-parallel all-reduce of each bucket during the last backward pass")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B: each pipeline rank holds (layers / pp) / N model chunks of N layers "
+                        "(virtual stages), a smaller pipeline bubble for more point-to-point messages; needs pp > 1 "
+                        "and a number of micro-batches that is a multiple of pp")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with tensor parallelism: LayerNorm, dropout and residual activations on a 1/tp slice of "
+                        "the sequence (all-gather before and reduce-scatter after each parallel linear pair "
+                        "instead of all-reduce); needs tp > 1 and tp dividing --seq-length")
     g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
                    help="order ranks (dp, pp, tp) instead of Megatron's default (pp, dp, tp); tp is innermost in "
                         "both")
@@ -339,10 +355,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}")
     check_schedule_flags(args)
+    check_parallel_flags(args)
     args.params_dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
     args.consumed_train_samples = 0
     args.consumed_valid_samples = 0
     return args
+
+
+def check_parallel_flags(args: argparse.Namespace) -> None:
+    """Megatron-LM's rules for --num-layers-per-virtual-pipeline-stage and --sequence-parallel, as errors naming
+    the flags; sets ``args.virtual_pipeline_model_parallel_size`` (Megatron's name: None without the flag)."""
+    args.virtual_pipeline_model_parallel_size = None
+    per_virtual = args.num_layers_per_virtual_pipeline_stage
+    pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
+    if per_virtual is not None:
+        if per_virtual < 1:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {per_virtual}")
+        if pp < 2:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {per_virtual} needs "
+                             f"--pipeline-model-parallel-size >= 2 (it is {pp}): the interleaved schedule splits "
+                             f"each pipeline stage into model chunks")
+        if args.num_layers % pp or (args.num_layers // pp) % per_virtual:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {per_virtual} must divide the layers of a "
+                             f"pipeline stage: --num-layers {args.num_layers} / --pipeline-model-parallel-size {pp}"
+                             f"{'' if args.num_layers % pp == 0 else ' is not a whole number'}")
+        args.virtual_pipeline_model_parallel_size = args.num_layers // pp // per_virtual
+    if args.sequence_parallel:
+        if tp < 2:
+            raise ValueError(f"--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
+                             f"--tensor-model-parallel-size >= 2 (it is {tp})")
+        if args.seq_length % tp:
+            raise ValueError(f"--sequence-parallel needs --seq-length {args.seq_length} to be a multiple of "
+                             f"--tensor-model-parallel-size {tp}")
 
 
 def check_schedule_flags(args: argparse.Namespace) -> None:
@@ -384,10 +428,13 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std, init_seed=args.seed,
         masked_softmax_fusion=args.masked_softmax_fusion, bias_gelu_fusion=args.bias_gelu_fusion,
         bias_dropout_fusion=args.bias_dropout_fusion, layernorm_fusion=args.layernorm_fusion,
-        checkpoint_activations=args.checkpoint_activations)
+        checkpoint_activations=args.checkpoint_activations, sequence_parallel=args.sequence_parallel)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.overlap_grad_reduce, args.distributed_timeout_minutes,
-                              args.use_tp_pp_dp_mapping)
+                              args.use_tp_pp_dp_mapping,
+                              virtual_pipeline_model_parallel_size=getattr(
+                                  args, "virtual_pipeline_model_parallel_size", None),
+                              sequence_parallel=getattr(args, "sequence_parallel", False))
     model.check_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
     warmup_samples = decay_samples = None
     if args.train_samples is not None:  # the schedule in samples (Megatron's sample-based training)

@@ -11,7 +11,8 @@ Each file is a dict, Megatron-LM's (``megatron/training/checkpointing.py``): ``a
 Megatron's names, including ``consumed_train_samples``), ``checkpoint_version`` (3.0), ``iteration``, ``model``
 (this rank's weights; for the protein BERT the nested form Megatron-LM's ``BertModel.state_dict_for_save_checkpoint``
 writes, see :mod:`megatron_protein.models.megatron_layout`; a model without that method saves its flat
-``state_dict()``), ``optimizer`` (the AdamW state and, for fp16, the loss scaler), the LR schedule's position under
+``state_dict()``; under the interleaved schedule ``model0``, ``model1``, ... instead, one per model chunk of the
+rank, as Megatron-LM saves its list of chunks), ``optimizer`` (the AdamW state and, for fp16, the loss scaler), the LR schedule's position under
 ``opt_param_scheduler`` (newer Megatron's name) and ``lr_scheduler`` (older Megatron's; the same dict, read from
 either), and ``rng_state``: Megatron's list with one entry per data-parallel rank (Python, NumPy, torch, CUDA and
 the model-parallel tracker's streams), gathered to the writer, each rank restoring its own (replicas draw
@@ -69,8 +70,9 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MODEL_FILENAME = "model_optim_rng.pt"
 
 #: Arguments that fix the shape of every saved tensor; a resume with different values cannot load the files.
-SHAPE_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers", "hidden_size",
-              "num_attention_heads", "ffn_hidden_size", "max_position_embeddings", "padded_vocab_size")
+SHAPE_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+              "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings",
+              "padded_vocab_size")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -230,8 +232,8 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
-            "model": model_state_for_save(model),
         }
+        state.update(model_entries_for_save(model))
         if save_optim:
             state["optimizer"] = {"optimizer": optimizer.state_dict(),
                                   "grad_scaler": loss_scaler.state_dict() if loss_scaler is not None else None}
@@ -266,6 +268,43 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
         fs.write_text_durably(os.path.join(save, TRACKER_FILENAME), str(iteration))
     _barrier(groups)
     return final_dir
+
+
+def model_entries_for_save(model: torch.nn.Module) -> dict:
+    """The model entries of a checkpoint file: ``{'model': ...}``, or ``{'model0': ..., 'model1': ...}`` for the
+    model chunks of the interleaved schedule (Megatron-LM's names)."""
+    if hasattr(model, "state_dicts_for_save_checkpoint"):
+        return model.state_dicts_for_save_checkpoint()
+    return {"model": model_state_for_save(model)}
+
+
+def _load_model_entries(model: torch.nn.Module, state: dict, path: str) -> tuple[list, list]:
+    """Load the ``model`` entry (or ``model0``, ``model1``, ... into the chunks of the interleaved schedule) into
+    ``model``; return (missing, unexpected) keys, prefixed ``modelN:`` for chunks."""
+    chunks = list(model.chunks) if hasattr(model, "state_dicts_for_save_checkpoint") else None
+    if chunks is None:
+        if not isinstance(state.get("model"), dict):
+            hint = (" but model0, model1, ...: it was saved with --num-layers-per-virtual-pipeline-stage; resume with "
+                    "the same flag, or --finetune" if "model0" in state else f" (keys: {sorted(state)[:8]})")
+            raise CheckpointError(f"{path}: no 'model' entry{hint}")
+        return model.load_state_dict(state["model"], strict=False)
+    missing, unexpected = [], []
+    for c, chunk in enumerate(chunks):
+        entry = state.get(f"model{c}")
+        if not isinstance(entry, dict):
+            raise CheckpointError(
+                f"{path}: no 'model{c}' entry: this run has {len(chunks)} model chunks per pipeline rank "
+                f"(--num-layers-per-virtual-pipeline-stage) but the checkpoint holds "
+                f"{sorted(k for k in state if k.startswith('model'))}; resume with the checkpoint's layout, or use "
+                f"--finetune, which reads any layout")
+        result = chunk.load_state_dict(entry, strict=False)
+        missing += [f"model{c}:{k}" for k in result.missing_keys]
+        unexpected += [f"model{c}:{k}" for k in result.unexpected_keys]
+    extra = sorted(k for k in state if k.startswith("model") and k[5:].isdigit() and int(k[5:]) >= len(chunks))
+    if extra:
+        raise CheckpointError(f"{path}: holds model chunks {extra} beyond this run's {len(chunks)}; resume with the "
+                              f"checkpoint's --num-layers-per-virtual-pipeline-stage")
+    return missing, unexpected
 
 
 def model_state_for_save(model: torch.nn.Module) -> dict:
@@ -391,11 +430,11 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
         saved_args = state.get("args")
         if saved_args is not None:
             check_args_match(saved_args, args, path)
-        if not isinstance(state.get("model"), dict):
-            raise CheckpointError(f"{path}: no 'model' entry (keys: {sorted(state)[:8]})")
         try:
-            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+            missing, unexpected = _load_model_entries(model, state, path)
         except (ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
             raise CheckpointError(f"{path}: the weights do not fit this model: {exc}") from None
         if missing or unexpected:
             hint = (" (a checkpoint with a pooler, binary head or token types loads with --finetune, which drops "
@@ -497,9 +536,15 @@ def load_bert_weights_for_finetune(load: str, model: torch.nn.Module, args: argp
                     full[key] = full[key][rows]
             dropped.append(f"vocabulary rows of {vocab_name} moved to our ids")
         full = repad_vocab(full, padded)
-        part = split_full_state(full, groups.size("tp"), groups.size("pp"))[(groups.rank_in("tp"),
-                                                                             groups.rank_in("pp"))]
-        missing, unexpected = model.load_state_dict(part, strict=False)
+        chunks = list(model.chunks) if hasattr(model, "state_dicts_for_save_checkpoint") else [model]
+        # Virtual stage c * pp + r of len(chunks) * pp (one per pipeline stage without chunks) for chunk c.
+        stages = split_full_state(full, groups.size("tp"), groups.size("pp") * len(chunks))
+        missing, unexpected = [], []
+        for c, chunk in enumerate(chunks):
+            part = stages[(groups.rank_in("tp"), c * groups.size("pp") + groups.rank_in("pp"))]
+            result = chunk.load_state_dict(part, strict=False)
+            missing += list(result.missing_keys)
+            unexpected += list(result.unexpected_keys)
         if missing or unexpected:
             raise CheckpointError(f"{checkpoint.source}: its weights do not fit this model; missing "
                                   f"{list(missing)}, unexpected {list(unexpected)}")

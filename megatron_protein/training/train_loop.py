@@ -30,6 +30,7 @@ resumed checkpoint whose ``data_path`` differs from this run's is refused unless
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -40,11 +41,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_protein.data.mlm_dataset import IGNORE_INDEX, PREDICTED_AS_MASK
-from megatron_protein.models.bert import ProteinBertModel, predicted_labels
+from megatron_protein.models.bert import build_model, model_chunks, predicted_labels
 from megatron_protein.parallel import scg
 from megatron_protein.parallel.dp import DataParallel
 from megatron_protein.parallel.pipeline import all_reduce_tied_gradients, run_pipeline, sync_tied_parameters
-from megatron_protein.parallel.tensor_parallel import model_parallel_seed, vocab_parallel_cross_entropy
+from megatron_protein.parallel.tensor_parallel import (all_reduce_sequence_parallel_gradients, model_parallel_seed,
+                                                       sequence_parallel_parameters, vocab_parallel_cross_entropy)
 from megatron_protein.training import checkpointing
 from megatron_protein.training.arguments import PretrainConfig, resolve_batch
 from megatron_protein.training.logging_utils import TrainingLogger, logger
@@ -58,7 +60,7 @@ from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, 
                                                      micro_batch_loader, residue_counts, resolve_blend,
                                                      resolve_sources, split_titles)
 from megatron_protein.utils.agree import on_all_ranks
-from megatron_protein.utils.errors import NonFiniteLossError
+from megatron_protein.utils.errors import ConfigError, NonFiniteLossError
 from megatron_protein.utils.locks import LockError, OutputLock
 
 
@@ -163,12 +165,25 @@ class Pretrainer:
         args.resolved_data_paths = resolved_data_paths(args)
         model_parallel_seed(config.data.seed, groups)
 
-        # Model: this rank's tp shard of its pp stage, replicas made equal over dp, tied copies over pp ends.
-        self.model = ProteinBertModel(config.model, groups).to(groups.device)
+        # Model: this rank's tp shard of its pp stage (its model chunks under the interleaved schedule), replicas
+        # made equal over dp, tied copies over pp ends.
+        num_chunks = config.parallel.num_model_chunks
+        if num_chunks > 1 and self.num_micro_batches % groups.size("pp"):
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage: the interleaved schedule needs the number of "
+                f"micro-batches per step ({self.num_micro_batches} = --global-batch-size "
+                f"{config.train.global_batch_size} / (--micro-batch-size {config.train.micro_batch_size} x "
+                f"data-parallel size {groups.size('dp')})) to be a multiple of --pipeline-model-parallel-size "
+                f"{groups.size('pp')}")
+        args.virtual_pipeline_model_parallel_size = config.parallel.virtual_pipeline_model_parallel_size
+        self.model = build_model(config.model, groups, num_chunks).to(groups.device)
+        self.chunks = model_chunks(self.model)
         self.ddp = DataParallel(self.model, groups, overlap_grad_reduce=config.parallel.overlap_grad_reduce)
         self.ddp.broadcast_parameters()
         tied = self.model.shared_embedding_weight()
         self.tied_params = [tied] if tied is not None else []
+        # LayerNorm parameters and row-parallel biases acting on sequence slices (--sequence-parallel).
+        self.sequence_parallel_params = sequence_parallel_parameters(self.model)
         sync_tied_parameters(self.tied_params, groups)
 
         self.optimizer = build_optimizer(self.model, config.optim)
@@ -229,17 +244,28 @@ class Pretrainer:
         # The context-free baseline a model must beat: the training set's residue frequencies.
         self.train_frequencies = training_frequencies(train_counts, config.model.vocab_size)
         self._masked_stats = torch.zeros(2, dtype=torch.float64, device=groups.device)  # this step: sum, count
-        self.activation_shape = (train.micro_batch_size, data.seq_length, config.model.hidden_size)
+        # What travels between pipeline stages: the hidden states, this rank's 1/tp slice of the sequence under
+        # sequence parallelism (Megatron sends the slice too).
+        seq = data.seq_length // groups.size("tp") if config.model.sequence_parallel else data.seq_length
+        self.activation_shape = (train.micro_batch_size, seq, config.model.hidden_size)
 
     # ------------------------------------------------------------------------------------------ one stage
-    def forward_step(self, stage_input: Optional[torch.Tensor], batch: dict) -> torch.Tensor:
-        """This pipeline stage's forward: tokens on the first stage, the received hidden states elsewhere."""
+    def forward_step(self, stage_input: Optional[torch.Tensor], batch: dict, chunk: int = 0) -> torch.Tensor:
+        """This pipeline stage's forward (of model chunk ``chunk``): tokens on the first stage, the received
+        hidden states elsewhere."""
         device = self.groups.device
         mask = attention_mask(batch, self.config.data.pack_sequences).to(device)
         model_input = batch["tokens"].to(device) if stage_input is None else stage_input
         prediction_mask = batch["loss_mask"].to(device).bool() if self.config.train.sparse_prediction else None
         with autocast_context(self.config, device):
-            return self.model(model_input, mask, batch["position_ids"].to(device), prediction_mask=prediction_mask)
+            return self.chunks[chunk](model_input, mask, batch["position_ids"].to(device),
+                                      prediction_mask=prediction_mask)
+
+    def forward_steps(self):
+        """What :func:`run_pipeline` runs: the forward step, or one per model chunk (interleaved schedule)."""
+        if len(self.chunks) == 1:
+            return self.forward_step
+        return [functools.partial(self.forward_step, chunk=c) for c in range(len(self.chunks))]
 
     def loss_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels and loss mask laid out like the last stage's logits: [b, s], or [n] under sparse prediction."""
@@ -276,9 +302,10 @@ class Pretrainer:
         self.model.train()
         self.ddp.zero_grad()  # zeroes the flat gradient buffers (the .grad views stay attached)
         self._masked_stats.zero_()
-        loss = run_pipeline(self.forward_step, micro_batches, self.loss_fn, self.activation_shape,
+        loss = run_pipeline(self.forward_steps(), micro_batches, self.loss_fn, self.activation_shape,
                             groups=groups, no_sync=self.ddp.no_sync)
         self.ddp.sync_gradients()                              # mean over dp replicas
+        all_reduce_sequence_parallel_gradients(self.sequence_parallel_params, groups)  # sum the slices' parts
         all_reduce_tied_gradients(self.tied_params, groups)    # word embedding used on the first and last stage
         params = [p for p in self.model.parameters() if p.grad is not None]
         skipped = False
@@ -327,7 +354,7 @@ class Pretrainer:
         loader = micro_batch_loader(dataset, 0, train.micro_batch_size, groups.rank_in("dp"), groups.size("dp"))
         for _ in range(self.config.logging.eval_iters):
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
-            run_pipeline(self.forward_step, micro_batches, loss_fn, self.activation_shape, groups=groups,
+            run_pipeline(self.forward_steps(), micro_batches, loss_fn, self.activation_shape, groups=groups,
                          forward_only=True)
         metrics.reduce(groups)
         self.model.train()
