@@ -11,7 +11,8 @@ compared with the one-process run of the same configuration:
 Losses and gradient norms: |diff| <= 1e-6 + 1e-5 |reference| (the layouts sum in other orders); the
 sequence-parallel runs also against TP=2 without it. The interleaved run saved at iteration 3 (``--exit-interval``)
 and resumed from its ``model0``/``model1`` checkpoint gives the uninterrupted losses exactly, and the converter
-merges that checkpoint into the same weights as the one-process checkpoint of the same iteration (atol 1e-5).
+merges that checkpoint into the same weights as the one-process checkpoint of the same iteration (atol 1e-5) and
+converts it to a TAPE directory.
 """
 from __future__ import annotations
 
@@ -98,6 +99,11 @@ def test_interleaved_and_sequence_parallel_follow_one_process(data_prefix, refer
     assert list(merged) == list(expected)
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    # The whole converter (TAPE directory, verified against our model on the merged weights) takes it too.
+    from megatron_protein.conversion.to_tape import convert
+    from tape_tasks import ProteinBertForMaskedLM
+    convert(save, str(tmp_path / "tape"), table_file=None)
+    assert ProteinBertForMaskedLM.from_pretrained(str(tmp_path / "tape")).config.num_hidden_layers == 4
 
 
 @pytest.mark.slow
