@@ -81,6 +81,9 @@ class BertConfig:
     checkpoint_activations: bool = False
     # Megatron's --sequence-parallel: LayerNorm, dropout and residual regions on a 1/tp slice of the sequence.
     sequence_parallel: bool = False
+    # --compile-layers: training steps on CPU run each layer through one torch.compile'd chain
+    # (megatron_protein.kernels.compiled); the same function and the same dropout masks as the eager layer.
+    compile_layers: bool = False
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -306,6 +309,7 @@ class TransformerLayer(nn.Module):
         if self.sequence_parallel:
             tp_layers.mark_sequence_parallel(*self.input_layernorm.parameters(),
                                              *self.post_attention_layernorm.parameters())
+        self.compile_layer = config.compile_layers
 
     def _dropout_rng(self):
         """Hidden dropout on sequence slices draws per tp rank; on replicated activations from the default
@@ -317,6 +321,8 @@ class TransformerLayer(nn.Module):
         # x: [b, s, h], replicated across tp ([b, s/tp, h] with sequence parallelism). With query_index [b, m] the
         # output is [b, m, h] ([b, m/tp, h]), the layer's output at those positions only (every position still
         # serves as a key and value).
+        if self.compile_layer and query_index is None and torch.is_grad_enabled() and x.device.type == "cpu":
+            return self._compiled_forward(x, mask)
         attention_out, attention_bias = self.self_attention(self.input_layernorm(x), mask, query_index)
         if query_index is None:
             residual = x
@@ -336,6 +342,36 @@ class TransformerLayer(nn.Module):
 
     def _tp_size(self) -> int:
         return group_size(self.tp_group)
+
+    def _compiled_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer as one compiled chain (:func:`megatron_protein.kernels.compiled.bert_layer_body`). The dropout
+        masks are drawn here, eagerly, as the eager layer draws them: the attention mask from the model-parallel
+        stream (CoreAttention's CPU training path), then the two hidden masks from the default generator (from
+        the model-parallel stream on sequence slices), with the same function and shapes."""
+        from megatron_protein.kernels import attention as attention_kernels
+        from megatron_protein.kernels import bias_dropout_add as bda
+        from megatron_protein.kernels import compiled
+        attn, mlp = self.self_attention, self.mlp
+        seq = x.shape[1] * (self._tp_size() if self.sequence_parallel else 1)
+        p_attention, p_hidden = attn.core_attention.dropout_p, self.bias_dropout_add.p
+        keep_attention = keep_attention_output = keep_mlp_output = None
+        if self.training and p_attention > 0.0:
+            with tp_layers.get_rng_tracker().fork():
+                keep_attention = attention_kernels.attention_keep_mask(
+                    (x.shape[0], attn.local_heads, seq, seq), p_attention, x.device)
+        if self.training and p_hidden > 0.0:
+            with self._dropout_rng():
+                keep_attention_output = bda.dropout_keep_mask(x.shape, p_hidden, (), x.device)
+            with self._dropout_rng():
+                keep_mlp_output = bda.dropout_keep_mask(x.shape, p_hidden, (), x.device)
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        body = compiled.compiled("bert_layer", compiled.bert_layer_body)
+        return body(x, mask, keep_attention, keep_attention_output, keep_mlp_output,
+                    ln1.weight, ln1.bias, attn.query_key_value.weight, attn.query_key_value.bias,
+                    attn.dense.weight, attn.dense.bias, ln2.weight, ln2.bias,
+                    mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.dense_4h_to_h.weight,
+                    mlp.dense_4h_to_h.bias, ln1.eps, attn.local_heads, attn.head_dim, p_attention, p_hidden,
+                    self.tp_group, self.sequence_parallel)
 
 
 class TransformerEncoder(nn.Module):

@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion")
     g.add_argument("--no-layernorm-fusion", action="store_false", dest="layernorm_fusion",
                    help="plain torch LayerNorm composition instead of the fused kernel")
+    g.add_argument("--compile-layers", action="store_true",
+                   help="CPU training: run each transformer layer's non-matmul work (LayerNorm, bias-GeLU, "
+                        "bias-dropout-add, softmax, layout changes) through one torch.compile'd chain; the first "
+                        "step pays the compilation (docs/kernels.md)")
     g.add_argument("--checkpoint-activations", "--recompute-activations", action="store_true",
                    dest="checkpoint_activations", help="recompute every layer's activations in backward")
 
@@ -428,7 +432,8 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std, init_seed=args.seed,
         masked_softmax_fusion=args.masked_softmax_fusion, bias_gelu_fusion=args.bias_gelu_fusion,
         bias_dropout_fusion=args.bias_dropout_fusion, layernorm_fusion=args.layernorm_fusion,
-        checkpoint_activations=args.checkpoint_activations, sequence_parallel=args.sequence_parallel)
+        checkpoint_activations=args.checkpoint_activations, sequence_parallel=args.sequence_parallel,
+        compile_layers=args.compile_layers)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.overlap_grad_reduce, args.distributed_timeout_minutes,
                               args.use_tp_pp_dp_mapping,
