@@ -45,8 +45,7 @@ def test_empty_fasta_is_refused_and_nothing_is_written(tmp_path, content, messag
     assert os.listdir(out) == []
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_record_cut_mid_sequence_contradicts_its_envelope(tmp_path, workers):
+def test_a_record_cut_mid_sequence_contradicts_its_envelope(tmp_path):
     records = _first_records(3)
     header, sequence = records[2].split("\n", 1)
     residues = sequence.replace("\n", "")
@@ -60,7 +59,7 @@ def test_a_record_cut_mid_sequence_contradicts_its_envelope(tmp_path, workers):
     with pytest.raises(InputFormatError, match=rf"cut\.fasta:{line}: record {name.replace('/', '/')} has "
                                                rf"{len(residues) // 2} residues, but its Pfam envelope .* says "
                                                rf"{len(residues)}; the record is truncated"):
-        preprocess([str(fasta)], str(out / "pfam"), progress=False, workers=workers)
+        preprocess([str(fasta)], str(out / "pfam"), progress=False)
     assert os.listdir(out) == []
 
 

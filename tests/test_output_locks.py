@@ -103,6 +103,7 @@ def test_a_reused_pid_does_not_keep_a_lock_alive(tmp_path):
 PRETRAIN = "import sys; from test_pretrain_parallel import train_run; train_run(sys.argv[1:])"
 
 
+@pytest.mark.slow
 def test_two_pretraining_runs_on_one_save(tmp_path):
     data = make_tiny_data(str(tmp_path / "data"), train=60, valid=8)
     save = str(tmp_path / "ckpt")

@@ -553,9 +553,10 @@ def check_same_data(saved_args, args, load: str, iteration) -> None:
         old, new = recorded.get(name), current.get(name)
         if old != new:
             old, new = getattr(saved_args, name, None), getattr(args, name, None)
+            flag = "--" + name.replace("_", "-")
             raise checkpointing.CheckpointError(
-                f"{checkpointing.iteration_dir(load, iteration)}: this checkpoint was trained with --{name.replace('_', '-')} "
-                f"{old}, but this run has {new}; resuming would continue its data position in other data. Use "
+                f"{checkpointing.iteration_dir(load, iteration)}: this checkpoint was trained with {flag} {old}, "
+                f"but this run has {new}; resuming would continue its data position in other data. Use "
                 f"another --save/--load, --finetune to start a new run from its weights, or "
                 f"--allow-data-path-change to resume anyway")
 

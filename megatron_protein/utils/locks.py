@@ -19,7 +19,9 @@ another host needs its lock file removed by hand.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -30,6 +32,7 @@ import time
 from typing import Optional
 
 from .errors import UserError
+from .fs import fsync_dir as fs_fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _host_tag() -> str:
+    return socket.gethostname().replace(".", "_").replace(os.sep, "_") or "host"
 
 
 def describe_holder(info: dict) -> str:
@@ -147,51 +154,109 @@ class OutputLock:
                 time.sleep(0.2)
 
     def _acquire_once(self) -> "OutputLock":
+        """One attempt (see the module docstring). The lock file appears with its record already in it (written to
+        a private file, flocked, then hard-linked into place), so a challenger always reads who holds it."""
         if self._fd is not None:
             raise LockError(f"{self.path}: this lock object is already held")
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-                created = True
-            except FileExistsError:
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        info = self._my_info()
+        fd, private = self._private_file(info)
+        try:
+            for _ in range(50):
+                if self._link(private):
+                    return self._held(fd, info)
                 try:
-                    fd = os.open(self.path, os.O_RDWR)
+                    existing = os.open(self.path, os.O_RDWR)
                 except FileNotFoundError:
                     continue  # released in between: try to create it again
-                created = False
-            except OSError as exc:
+                try:
+                    try:
+                        fcntl.flock(existing, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        holder = self._read(existing)
+                        if holder is not None and holder.get("pid") != os.getpid() and self._is_stale(holder):
+                            time.sleep(0.05)  # another challenger is taking over a dead holder's lock
+                            continue
+                        raise self._busy(holder) from None
+                    # We hold the file's flock: is it still the one at self.path (not released meanwhile)?
+                    try:
+                        same = os.fstat(existing).st_ino == os.stat(self.path).st_ino
+                    except FileNotFoundError:
+                        same = False
+                    if not same:
+                        continue
+                    holder = self._read(existing)
+                    if holder is None and time.time() - os.fstat(existing).st_mtime < 5.0:
+                        time.sleep(0.05)  # being created without hard links (see _link): not stale yet
+                        continue
+                    if not self._is_stale(holder):
+                        raise self._busy(holder)
+                    if holder is not None:
+                        logger.warning("%s: taking over the lock of %s, whose process is gone (%s)", self.path,
+                                       self.target, describe_holder(holder))
+                    # Ours replaces the dead one in one rename; holding the dead one's flock meanwhile keeps any
+                    # other challenger from doing the same.
+                    os.replace(private, self.path)
+                    private = None
+                    return self._held(fd, info)
+                finally:
+                    os.close(existing)
+            raise LockError(f"{self.path}: could not acquire the lock of {self.target} (it kept changing)")
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            if private is not None and os.path.exists(private):
+                os.remove(private)
+
+    def _private_file(self, info: dict) -> tuple[int, str]:
+        private = f"{self.path}.{_host_tag()}.{os.getpid()}.{os.urandom(4).hex()}.new"
+        try:
+            fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise LockError(f"{self.path}: cannot create the lock file of {self.what} {self.target} "
+                            f"({exc.strerror})") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new private file: nobody else can hold it
+        self._write(fd, info)
+        return fd, private
+
+    def _link(self, private: str) -> bool:
+        """Put the private file in place as the lock if there is none; False if a lock file exists."""
+        try:
+            os.link(private, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a file system without hard links: exclusive creation, then a rename over it
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
                 raise LockError(f"{self.path}: cannot create the lock file of {self.what} {self.target} "
                                 f"({exc.strerror})") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                time.sleep(0.05)  # a creator may not have written its record yet
-                info = self._read(fd)
-                os.close(fd)
-                raise self._busy(info) from None
-            # We hold the flock; make sure the file is still the one at self.path (not unlinked by a release).
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                return False
+            os.replace(private, self.path)
+            return True
+
+    def _held(self, fd: int, info: dict) -> "OutputLock":
+        self._fd, self._info = fd, info
+        self._remove_dead_private_files()
+        fs_fsync_dir(os.path.dirname(self.path))
+        atexit.register(self.release)
+        return self
+
+    def _remove_dead_private_files(self) -> None:
+        """Private files (``TARGET.lock.<host>.<pid>.<hex>.new``) of processes of this host killed while locking."""
+        directory, base = os.path.split(self.path)
+        mine = f"{base}.{_host_tag()}."
+        for name in os.listdir(directory):
+            if not (name.startswith(mine) and name.endswith(".new")):
                 continue
-            if not created:
-                info = self._read(fd)
-                if not self._is_stale(info):
-                    os.close(fd)
-                    raise self._busy(info)
-                if info is not None:
-                    logger.warning("%s: taking over the lock of %s, whose process is gone (%s)", self.path,
-                                   self.target, describe_holder(info))
-            self._info = self._my_info()
-            self._write(fd, self._info)
-            self._fd = fd
-            atexit.register(self.release)
-            return self
-        raise LockError(f"{self.path}: could not acquire the lock of {self.target} (it kept changing)")
+            pid = name[len(mine):].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(directory, name))
 
     # ------------------------------------------------------------------------------------------------ release
     def release(self) -> None:

@@ -27,7 +27,6 @@ import collections
 import datetime
 import io
 import logging
-import os
 import pathlib
 import pickle
 import re
@@ -137,16 +136,15 @@ def _refusal(path: str, names: list[str], what: str) -> UnsafeFileError:
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL (\S+?) (?:was not an allowed global|whose module)")
 
 
-def _static_globals(path: str) -> Optional[set[str]]:
-    """Globals referenced by the pickle of a zip-format ``torch.save`` file, read without unpickling it."""
-    from torch import _weights_only_unpickler
-
-    with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(names) != 1:
+def _unlisted_globals(path: str, allowed: list) -> Optional[list[str]]:
+    """Globals the pickle of a zip-format ``torch.save`` file references beyond PyTorch's allow-list and
+    ``allowed``, read without unpickling it (``torch.serialization.get_unsafe_globals_in_checkpoint``); None for a
+    zip file that is not such a checkpoint (``torch.load`` then says what it is)."""
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except ValueError:
             return None
-        data = io.BytesIO(archive.read(names[0]))
-    return set(_weights_only_unpickler.get_globals_in_pkl(data))
 
 
 class _TolerantUnpickler(pickle.Unpickler):
@@ -185,16 +183,12 @@ def load_torch_file(path: str, trust: bool = False, map_location: Any = "cpu", m
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         try:
-            referenced = _static_globals(path)
+            unknown = _unlisted_globals(path, allowed)
         except pickle.UnpicklingError as exc:  # an opcode torch.save never writes (e.g. protocol 4's)
             raise UnsafeFileError(f"{path}: refused to load the {what}: its pickle uses operations a file written "
                                   f"by torch.save never contains ({exc}); if you trust this file, pass "
                                   f"{TRUST_FLAG}") from None
-        if referenced is not None:
-            from torch import _weights_only_unpickler
-
-            known = set(_weights_only_unpickler._get_allowed_globals()) | set(CHECKPOINT_GLOBALS)
-            unknown = sorted(referenced - known)
+        if unknown is not None:
             stand_ins = [n for n in unknown if n.startswith(STAND_IN_PREFIXES)]
             refused = [n for n in unknown if n not in stand_ins]
             if refused:
