@@ -71,7 +71,7 @@ WARMUP_FRACTION=${P[8]}
 EVAL_INTERVAL=$(( ${P[9]} < TRAIN_ITERS ? ${P[9]} : TRAIN_ITERS ))
 DROPOUT="${DROPOUT:-${P[10]}}"
 MASK_PROB="${MASK_PROB:-${P[11]}}"
-# Evaluation: 512 held-out samples per set (BERT's 15% masking whatever MASK_PROB is), 8,000+ <mask> positions.
+# Evaluation: 512 held-out samples per set (BERT's 15% masking whatever MASK_PROB is), ~6,500 <mask> positions.
 EVAL_ITERS=$(( (512 + GLOBAL_BATCH - 1) / GLOBAL_BATCH ))
 
 # 1. Data: preprocess once per input. The cache directory is keyed on a hash of the input's real path, size and
