@@ -339,6 +339,8 @@ def pretrained_mlm_metrics(checkpoint_info: dict, pretrained_dir: str, seed: int
     from megatron_protein.training.pretrain_data import residue_counts
 
     prefix = checkpoint_info.get("data_path")
+    if isinstance(prefix, (list, tuple)):  # Megatron's --data-path list: one prefix, or a blend (none to use)
+        prefix = prefix[0] if len(prefix) == 1 else None
     if not prefix or not dataset_exists(f"{prefix}_train"):
         return {}
     model = load_model(pretrained_dir)

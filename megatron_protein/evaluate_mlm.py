@@ -140,7 +140,10 @@ def _load_megatron(path: str) -> LoadedModel:
             "hidden_size": merged.shape.hidden_size, "num_attention_heads": merged.shape.num_attention_heads}
     args = merged.args
     if args is not None:
-        info["data_path"] = getattr(args, "data_path", None)
+        data_path = getattr(args, "data_path", None)
+        if isinstance(data_path, (list, tuple)):  # Megatron's nargs='*' list: one prefix, or a blend (no one prefix)
+            data_path = data_path[0] if len(data_path) == 1 else None
+        info["data_path"] = data_path
         for name in ("global_batch_size", "seq_length"):
             if getattr(args, name, None) is not None:
                 info[name] = getattr(args, name)

@@ -535,6 +535,13 @@ def _real_data_path(value):
     return resolved[0] if len(resolved) == 1 else resolved
 
 
+def _as_flag_value(value) -> str:
+    """A data argument as it was typed: Megatron's ``--data-path`` list joined by spaces."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
 def resolved_data_paths(args) -> dict:
     """The data arguments as real paths (what checkpoints record in ``args.resolved_data_paths``)."""
     return {name: _real_data_path(getattr(args, name, None)) for name in DATA_PATH_ARGS}
@@ -552,7 +559,7 @@ def check_same_data(saved_args, args, load: str, iteration) -> None:
     for name in DATA_PATH_ARGS:
         old, new = recorded.get(name), current.get(name)
         if old != new:
-            old, new = getattr(saved_args, name, None), getattr(args, name, None)
+            old, new = (_as_flag_value(getattr(saved_args, name, None)), _as_flag_value(getattr(args, name, None)))
             flag = "--" + name.replace("_", "-")
             raise checkpointing.CheckpointError(
                 f"{checkpointing.iteration_dir(load, iteration)}: this checkpoint was trained with {flag} {old}, "
