@@ -86,9 +86,12 @@ def main(argv=None) -> dict:
                 ax.plot(x, [p[1] for p in points], marker=marker, markersize=3, color=colour,
                         label=f"{label}: model ({split})")
                 own = series["masked_unigram_own_perplexity"]
-                if len(own) > 1:  # a test split is scored once, at the end: its marker is enough
+                if len(own) > 1:
                     ax.plot([p[0] / 1e6 for p in own], [p[1] for p in own], linestyle="--", color=colour,
                             alpha=0.7, label=f"{label}: unigram, own frequencies ({split})")
+                elif own:  # a test split is scored once, at the end: its unigram as a marker beside the model's
+                    ax.plot([p[0] / 1e6 for p in own], [p[1] for p in own], marker="_", markersize=14,
+                            linestyle="none", color=colour, label=f"{label}: unigram, own frequencies ({split})")
                 train = series["masked_unigram_train_perplexity"]
                 if len(train) > 1:
                     ax.plot([p[0] / 1e6 for p in train], [p[1] for p in train], linestyle=":", color=colour,

@@ -8,7 +8,10 @@ corrected by the average product correction (APC, Dunn et al. 2008: ``F_ij - F_i
 regression with an L1 penalty maps the ``layers x heads`` features of a pair (i, j) to P(contact). The regression
 is fitted on a few training proteins (the paper uses 20) over the pairs with |i - j| >= 6 whose label is known;
 nothing else is trained. Fitting is scikit-learn's ``LogisticRegression(penalty='l1', solver='liblinear')`` with
-C = 0.15, the paper's choice.
+C = 0.15, the paper's choice, on features standardised over the training pairs (mean 0, variance 1 per map). The
+standardisation is ours: an L1 penalty is not scale-free, and the attention of a small model is nearly uniform
+(APC-corrected values of order 1/L^2), so unstandardised features made the paper's C zero every coefficient of our
+models while ESM-1b's peaked attention leaves them alive; standardised, C means the same for any model.
 
 What this measures is what the language model learned by itself: a random-init network's attention carries no
 contact signal, so a pretrained model that beats it here has learned structure from sequences alone; it is
@@ -78,6 +81,8 @@ class AttentionContactRegression:
     min_separation: int = 6
     coefficients: Optional[np.ndarray] = None
     intercept: float = 0.0
+    mean: Optional[np.ndarray] = None   # per-feature standardisation, fitted on the training pairs
+    scale: Optional[np.ndarray] = None
     fitted_on: dict = field(default_factory=dict)
 
     def fit(self, features: Sequence[np.ndarray], targets: Sequence[np.ndarray], seed: int = 0
@@ -90,6 +95,9 @@ class AttentionContactRegression:
             xs.append(f[i, j])
             ys.append(t[i, j])
         x, y = np.concatenate(xs), np.concatenate(ys)
+        self.mean = x.mean(axis=0)
+        self.scale = np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+        x = (x - self.mean) / self.scale
         if len(np.unique(y)) < 2:
             raise ValueError("the training proteins hold only one class of pairs; use more proteins")
         import sklearn
@@ -109,7 +117,7 @@ class AttentionContactRegression:
         """[L, L] P(contact), symmetric (the features are)."""
         if self.coefficients is None:
             raise ValueError("fit the regression first")
-        logits = features @ self.coefficients + self.intercept
+        logits = ((features - self.mean) / self.scale) @ self.coefficients + self.intercept
         return 1.0 / (1.0 + np.exp(-logits))
 
 

@@ -44,7 +44,8 @@ def constructed_batch():
 
 
 def expected_mean_nll(logits, labels, where) -> float:
-    logits = logits.astype(np.float64)
+    """Mean -log softmax over the real vocabulary (the padding columns VOCAB..V-1 are not part of the model)."""
+    logits = logits.astype(np.float64)[..., :VOCAB]
     log_p = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
     rows, cols = np.nonzero(where)
     return float(-log_p[rows, cols, labels[rows, cols]].mean())
@@ -71,6 +72,17 @@ def test_masked_position_loss_is_computed_only_where_the_input_was_mask(layout):
     assert out["all_loss"] == pytest.approx(expected_mean_nll(logits, labels, kinds > 0), rel=1e-6)
     # The masked loss differs from the all-positions one: it really is a different set of positions.
     assert abs(out["masked_loss"] - out["all_loss"]) > 1e-3
+
+
+def test_vocabulary_padding_rows_take_no_probability():
+    logits, labels, kinds = constructed_batch()
+    metrics = MLMMetrics(VOCAB)
+    metrics.add_logits(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(kinds))
+    boosted = logits.copy()
+    boosted[..., VOCAB:] += 50.0  # padding rows with huge logits would dominate a softmax over all 32
+    other = MLMMetrics(VOCAB)
+    other.add_logits(torch.from_numpy(boosted), torch.from_numpy(labels), torch.from_numpy(kinds))
+    assert other.summary()["masked_loss"] == metrics.summary()["masked_loss"]
 
 
 def test_changing_a_logit_outside_mask_positions_leaves_the_masked_loss_unchanged():
