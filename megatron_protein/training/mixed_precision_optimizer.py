@@ -494,3 +494,39 @@ def build_data_parallel(model: nn.Module, groups: scg.ParallelGroups, overlap_gr
                             own_bucket=lambda name, p: id(p) in tied_ids)
     return DataParallel(model, groups, overlap_grad_reduce=overlap_grad_reduce, fused=fused,
                         use_distributed_optimizer=use_distributed_optimizer)
+
+
+def torch_adamw_state_by_order(states: list[dict], model_state: dict[str, torch.Tensor], order: list[str],
+                               no_decay) -> dict:
+    """The saved shards of a :class:`MixedPrecisionOptimizer` as one ``torch.optim.AdamW`` ``state_dict`` of the
+    parameters ``model_state`` (name -> tensor, for the shapes), numbered as the pretraining's torch AdamW numbers
+    them: the ``decay`` group then the ``no_decay`` one (``no_decay(name, tensor)``), each in ``order``. What the
+    reshard tool carries to other TP/PP degrees. Every parameter must be covered whole."""
+    by_name: dict[str, list] = {}
+    for state in states:
+        for name, entries in state["pieces"].items():
+            by_name.setdefault(name, []).extend(entries)
+    step = int(states[0]["step"])
+    settings = {g.get("name"): {k: v for k, v in g.items() if k != "params"} for g in states[0]["param_groups"]}
+    torch_state, param_groups, index = {}, [], 0
+    for kind in ("decay", "no_decay"):
+        names = [n for n in order if (kind == "no_decay") == bool(no_decay(n, model_state[n]))]
+        if not names:
+            continue
+        indices = []
+        for name in names:
+            numel = model_state[name].numel()
+            exp_avg, exp_avg_sq, covered = torch.zeros(numel), torch.zeros(numel), []
+            for lo, hi, a, b in by_name.get(name, ()):
+                exp_avg[lo:hi].copy_(a)
+                exp_avg_sq[lo:hi].copy_(b)
+                covered.append((lo, hi))
+            if _merged(covered) != [(0, numel)]:
+                raise OptimizerStateError(f"the saved optimizer shards do not cover all of {name!r}")
+            shape = model_state[name].shape
+            torch_state[index] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg.view(shape),
+                                  "exp_avg_sq": exp_avg_sq.view(shape)}
+            indices.append(index)
+            index += 1
+        param_groups.append({**settings.get(kind, {"name": kind}), "params": indices})
+    return {"state": torch_state, "param_groups": param_groups}
