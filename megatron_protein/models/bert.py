@@ -535,13 +535,14 @@ class ProteinBertModel(nn.Module):
         else:
             self.lm_head = None
 
-    def state_dict_for_save_checkpoint(self) -> dict:
+    def state_dict_for_save_checkpoint(self, state_dict: Optional[dict] = None) -> dict:
         """This stage's weights in Megatron-LM's nested BERT layout (``{'language_model': {'embedding': ...,
         'encoder': ...}, 'lm_head': ..., 'word_embeddings_for_head': ...}``), what Megatron-LM's
         ``BertModel.load_state_dict`` reads. Tensors are detached copies (not views of the data-parallel flat
-        buffer), so each is saved alone."""
-        return megatron_layout.nest_bert_state(
-            {key: value.detach().clone() for key, value in self.state_dict().items()})
+        buffer), so each is saved alone. ``state_dict``: a flat state of this model to nest instead of its own
+        (the optimizer's float32 main parameters of a bf16 run)."""
+        state = self.state_dict() if state_dict is None else state_dict
+        return megatron_layout.nest_bert_state({key: value.detach().clone() for key, value in state.items()})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that also takes Megatron-LM's nested layout and the key names of other

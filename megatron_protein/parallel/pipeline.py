@@ -845,12 +845,21 @@ def all_reduce_tied_gradients(params: Iterable[torch.nn.Parameter],
     With data parallelism call it after :meth:`DataParallel.sync_gradients`: with ``overlap_grad_reduce`` the dp
     all-reduce of the bucket holding the embedding may still be in flight until ``sync_gradients`` returns
     (the two reductions commute, so this order costs nothing; Megatron-LM's ``finalize_model_grads`` uses it too).
+
+    A parameter with a ``main_grad`` (bf16/fp16 parameters with float32 gradient buffers, see
+    ``fused_params.FusedParameters.cast_params_``) has that summed instead. After a reduce-scatter (distributed
+    optimizer) only this dp rank's chunk of it is meaningful; the sum is still right there because the tied weight
+    sits in a bucket of its own on both stages, so both cut it into the same chunks (Megatron-LM's rule).
     """
     groups = groups if groups is not None else scg.current()
     group = groups.group("pp_ends")
     if group is None or not (groups.is_first("pp") or groups.is_last("pp")):
         return
     for p in params:
+        main_grad = getattr(p, "main_grad", None)
+        if main_grad is not None:
+            dist.all_reduce(main_grad, group=group)
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, group=group)

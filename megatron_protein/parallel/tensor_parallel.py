@@ -134,23 +134,31 @@ def all_reduce_sequence_parallel_gradients(params, groups: Optional[scg.Parallel
 
     Each tp rank computed its sequence slice's part; after the sum every rank holds the gradient of the whole
     sequence, as without sequence parallelism. One all-reduce over a flat copy of all of them (they are small:
-    LayerNorm parameters and biases). Call after the backward passes, before clipping and the optimizer step; the
-    order against the data-parallel average does not matter (both are sums). A missing ``.grad`` counts as zero.
+    LayerNorm parameters and biases). Call after the data-parallel gradient sync (with ``overlap_grad_reduce`` a
+    bucket's dp all-reduce may be in flight until then), before clipping and the optimizer step; the two sums
+    commute. A parameter with a float32 ``main_grad`` (mixed-precision parameters) has that summed; after a
+    reduce-scatter over dp (distributed optimizer) only this rank's chunk of it is meaningful, and the sum is right
+    there because every tp rank lays out its buckets alike. A missing ``.grad`` counts as zero.
     """
     pg = _groups(groups)
     group = pg.group("tp")
     params = list(params)
     if group is None or not params:
         return
+    grads = []
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grad = getattr(p, "main_grad", None)
+        if grad is None:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = p.grad
+        grads.append(grad)
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat, group=group)
     offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _groups(groups: Optional[scg.ParallelGroups]) -> scg.ParallelGroups:

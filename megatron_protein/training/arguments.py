@@ -27,6 +27,8 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10.0
     #: Megatron-LM's --use-tp-pp-dp-mapping: ranks ordered (dp, pp, tp) instead of Megatron's default (pp, dp, tp).
     use_tp_pp_dp_mapping: bool = False
+    #: Megatron-LM's --use-distributed-optimizer: optimizer state and float32 main parameters sharded over dp.
+    use_distributed_optimizer: bool = False
     #: Model chunks per pipeline rank (interleaved 1F1B), from --num-layers-per-virtual-pipeline-stage; None: 1F1B.
     virtual_pipeline_model_parallel_size: Optional[int] = None
     #: --sequence-parallel: LayerNorm, dropout and residuals on a 1/tp slice of the sequence (needs tp > 1).
@@ -252,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the last layer and the MLM head at every position, not only at the masked ones "
                         "(slower; with dropout 0 the same loss and gradients, with dropout other masks in the last layer)")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
-    g.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 parameters, activations and gradients; float32 main parameters, gradient accumulation "
+                        "and update in the optimizer (Megatron-LM's --bf16)")
+    g.add_argument("--fp16", action="store_true", help="as --bf16 in fp16, with dynamic loss scaling")
+    g.add_argument("--autocast", action="store_true",
+                   help="with --bf16/--fp16: float32 parameters under torch.autocast instead (casts every weight in "
+                        "each step; the model and optimizer stay float32)")
     g.add_argument("--loss-scale", type=float, default=None, help="static loss scale (fp16); default dynamic")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
     g.add_argument("--min-loss-scale", type=float, default=1.0)
@@ -312,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
                    help="order ranks (dp, pp, tp) instead of Megatron's default (pp, dp, tp); tp is innermost in "
                         "both")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the AdamW state and float32 main parameters over the data-parallel ranks "
+                        "(reduce-scatter gradients, step the local shard, all-gather parameters)")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
@@ -360,7 +370,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          f"{args.max_position_embeddings}")
     check_schedule_flags(args)
     check_parallel_flags(args)
-    args.params_dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
+    if args.autocast and not (args.bf16 or args.fp16):
+        raise ValueError("--autocast chooses how --bf16 or --fp16 runs; add one of them (or drop --autocast)")
+    # The dtype of the model's parameters (Megatron's name): float32 under --autocast.
+    args.params_dtype = ("float32" if args.autocast else
+                         "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32"))
     args.consumed_train_samples = 0
     args.consumed_valid_samples = 0
     return args
@@ -436,7 +450,7 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         compile_layers=args.compile_layers)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.overlap_grad_reduce, args.distributed_timeout_minutes,
-                              args.use_tp_pp_dp_mapping,
+                              args.use_tp_pp_dp_mapping, args.use_distributed_optimizer,
                               virtual_pipeline_model_parallel_size=getattr(
                                   args, "virtual_pipeline_model_parallel_size", None),
                               sequence_parallel=getattr(args, "sequence_parallel", False))
@@ -456,7 +470,7 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         lr_decay_steps=decay_iters, lr_warmup_samples=warmup_samples, lr_decay_samples=decay_samples,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad, fp16=args.fp16,
-        bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        bf16=args.bf16, autocast=args.autocast, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
     data_path, data_blend = parse_data_path(args.data_path)
     data = DataConfig(

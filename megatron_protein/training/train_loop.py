@@ -23,6 +23,12 @@ in TensorBoard like fp16's; ``--max-consecutive-skipped-iterations`` (default 10
 with :class:`NonFiniteLossError` (for fp16, only skips at the minimum loss scale count: above it, overflow is how
 the scaler finds its scale). Checkpoints are never written with non-finite weights (checkpointing refuses them).
 
+Precision (``docs/pretraining.md``, "Precision"): ``--bf16`` / ``--fp16`` keep the model's parameters in bf16 /
+fp16 and train float32 main copies of them with
+:class:`~megatron_protein.training.mixed_precision_optimizer.MixedPrecisionOptimizer` (Megatron-LM's way: no cast
+inside the step, float32 gradient accumulation and update); ``--autocast`` runs the float32 model under
+``torch.autocast`` instead. ``--use-distributed-optimizer`` shards that optimizer's state over dp (in any precision).
+
 The job holds ``SAVE.lock`` (:class:`~megatron_protein.utils.locks.OutputLock`) for its whole duration, taken by
 global rank 0 before anything else, so a second job on the same ``--save`` fails at once naming this one; and a
 resumed checkpoint whose ``data_path`` differs from this run's is refused unless ``--allow-data-path-change``.
@@ -50,6 +56,7 @@ from megatron_protein.parallel.tensor_parallel import (all_reduce_sequence_paral
 from megatron_protein.training import checkpointing
 from megatron_protein.training.arguments import PretrainConfig, resolve_batch
 from megatron_protein.training.logging_utils import TrainingLogger, logger
+from megatron_protein.training.mixed_precision_optimizer import MixedPrecisionOptimizer, build_data_parallel
 from megatron_protein.training.mlm_metrics import MLMMetrics, training_frequencies
 from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler, build_optimizer, clip_grad_norm,
                                                  grads_are_finite)
@@ -115,10 +122,20 @@ class ExitSignal:
             self.enabled = False
 
 
+def params_dtype(config: PretrainConfig) -> torch.dtype:
+    """The dtype of the model's parameters: bf16 / fp16 with ``--bf16`` / ``--fp16`` (float32 main copies in the
+    optimizer), float32 otherwise and under ``--autocast``."""
+    optim = config.optim
+    if optim.autocast:
+        return torch.float32
+    return torch.bfloat16 if optim.bf16 else torch.float16 if optim.fp16 else torch.float32
+
+
 def autocast_context(config: PretrainConfig, device: torch.device):
-    if config.optim.bf16:
+    """``torch.autocast`` in bf16 / fp16 with ``--autocast``; nothing otherwise (the parameters' dtype decides)."""
+    if config.optim.autocast and config.optim.bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if config.optim.fp16:
+    if config.optim.autocast and config.optim.fp16:
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -166,7 +183,8 @@ class Pretrainer:
         model_parallel_seed(config.data.seed, groups)
 
         # Model: this rank's tp shard of its pp stage (its model chunks under the interleaved schedule), replicas
-        # made equal over dp, tied copies over pp ends.
+        # made equal over dp, tied copies over pp ends (all in float32: these values become the main parameters of
+        # a mixed-precision run).
         num_chunks = config.parallel.num_model_chunks
         if num_chunks > 1 and self.num_micro_batches % groups.size("pp"):
             raise ConfigError(
@@ -178,15 +196,25 @@ class Pretrainer:
         args.virtual_pipeline_model_parallel_size = config.parallel.virtual_pipeline_model_parallel_size
         self.model = build_model(config.model, groups, num_chunks).to(groups.device)
         self.chunks = model_chunks(self.model)
-        self.ddp = DataParallel(self.model, groups, overlap_grad_reduce=config.parallel.overlap_grad_reduce)
-        self.ddp.broadcast_parameters()
         tied = self.model.shared_embedding_weight()
         self.tied_params = [tied] if tied is not None else []
         # LayerNorm parameters and row-parallel biases acting on sequence slices (--sequence-parallel).
         self.sequence_parallel_params = sequence_parallel_parameters(self.model)
+        #: bf16 / fp16 parameters with float32 main copies, and/or the distributed optimizer.
+        self.params_dtype = params_dtype(config)
+        self.main_params = self.params_dtype != torch.float32 or config.parallel.use_distributed_optimizer
+        if self.main_params:
+            self.ddp = build_data_parallel(self.model, groups, config.parallel.overlap_grad_reduce,
+                                           config.parallel.use_distributed_optimizer, self.tied_params)
+        else:
+            self.ddp = DataParallel(self.model, groups, overlap_grad_reduce=config.parallel.overlap_grad_reduce)
+        self.ddp.broadcast_parameters()
         sync_tied_parameters(self.tied_params, groups)
 
-        self.optimizer = build_optimizer(self.model, config.optim)
+        if self.main_params:  # casts the model to params_dtype, keeping the float32 values as main parameters
+            self.optimizer = MixedPrecisionOptimizer(self.ddp, config.optim, self.params_dtype, groups)
+        else:
+            self.optimizer = build_optimizer(self.model, config.optim)
         # The schedule counts samples, as Megatron-LM's (so its state is Megatron's and --lr-*-samples work).
         warmup, decay = config.optim.schedule_in_samples(config.train.global_batch_size, config.train.train_iters)
         self.scheduler = LRScheduler(self.optimizer, config.optim.lr, config.optim.min_lr, warmup, decay,
@@ -303,10 +331,46 @@ class Pretrainer:
         self.ddp.zero_grad()  # zeroes the flat gradient buffers (the .grad views stay attached)
         self._masked_stats.zero_()
         loss = run_pipeline(self.forward_steps(), micro_batches, self.loss_fn, self.activation_shape,
-                            groups=groups, no_sync=self.ddp.no_sync)
-        self.ddp.sync_gradients()                              # mean over dp replicas
+                            dtype=self.params_dtype, groups=groups, no_sync=self.ddp.no_sync)
+        self.ddp.sync_gradients()                              # mean over dp (reduce-scatter: distributed optimizer)
         all_reduce_sequence_parallel_gradients(self.sequence_parallel_params, groups)  # sum the slices' parts
         all_reduce_tied_gradients(self.tied_params, groups)    # word embedding used on the first and last stage
+        if self.main_params:
+            norm, skipped, loss = self._step_main_params(loss)
+        else:
+            norm, skipped, loss = self._step_torch_optimizer(loss)
+        # One dp all-reduce for the loss and the <mask> positions' sum and count (those live on the last stage).
+        stats = torch.cat([loss.detach().double().view(1), _from_last_stage(self._masked_stats, groups)])
+        stats = _all_reduce(stats, groups.group("dp"))
+        masked_loss = float(stats[1] / stats[2]) if stats[2] > 0 else float("nan")
+        return float(stats[0]) / groups.size("dp"), norm, skipped, masked_loss
+
+    def _step_main_params(self, loss: torch.Tensor) -> tuple[float, bool, torch.Tensor]:
+        """Unscale (fp16), one world-wide vote on finiteness with the global norm, clip and step the float32 main
+        parameters (:class:`MixedPrecisionOptimizer`). Returns (norm or NaN when skipped, skipped, loss)."""
+        optimizer = self.optimizer
+        if self.loss_scaler is not None:
+            inverse = 1.0 / self.loss_scaler.scale
+            optimizer.unscale_(inverse)
+            loss = loss * inverse
+        norm, finite = optimizer.grad_norm_and_finite(loss)
+        if self.loss_scaler is not None:
+            skipped = not finite
+            # An overflow above the minimum scale is how the scaler finds its scale; at the minimum it is real.
+            self._skip_is_hard = self.loss_scaler.at_minimum()
+            self.loss_scaler.update(skipped)
+        else:
+            skipped = not finite and self.config.train.check_for_nan_in_loss_and_grad
+        if skipped:
+            return float("nan"), True, loss
+        optimizer.clip_(self.config.optim.clip_grad, norm)
+        optimizer.step()
+        self.scheduler.step()
+        return norm, False, loss
+
+    def _step_torch_optimizer(self, loss: torch.Tensor) -> tuple[float, bool, torch.Tensor]:
+        """The float32 (and --autocast) step: torch AdamW on the model's own parameters."""
+        groups = self.groups
         params = [p for p in self.model.parameters() if p.grad is not None]
         skipped = False
         if self.loss_scaler is not None:
@@ -326,11 +390,7 @@ class Pretrainer:
         if not skipped:  # as Megatron: a skipped step does not advance the schedule either
             self.optimizer.step()
             self.scheduler.step()
-        # One dp all-reduce for the loss and the <mask> positions' sum and count (those live on the last stage).
-        stats = torch.cat([loss.detach().double().view(1), _from_last_stage(self._masked_stats, groups)])
-        stats = _all_reduce(stats, groups.group("dp"))
-        masked_loss = float(stats[1] / stats[2]) if stats[2] > 0 else float("nan")
-        return float(stats[0]) / groups.size("dp"), norm, skipped, masked_loss
+        return norm, skipped, loss
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -354,8 +414,8 @@ class Pretrainer:
         loader = micro_batch_loader(dataset, 0, train.micro_batch_size, groups.rank_in("dp"), groups.size("dp"))
         for _ in range(self.config.logging.eval_iters):
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
-            run_pipeline(self.forward_steps(), micro_batches, loss_fn, self.activation_shape, groups=groups,
-                         forward_only=True)
+            run_pipeline(self.forward_steps(), micro_batches, loss_fn, self.activation_shape,
+                         dtype=self.params_dtype, groups=groups, forward_only=True)
         metrics.reduce(groups)
         self.model.train()
         return metrics.summary(self.train_frequencies)
