@@ -79,6 +79,9 @@ class _WrittenOutAttention(torch.autograd.Function):
     dP = where(keep, dC v^T, 0) / (1 - p), dS = P * (dP - rowsum(dP * P)) (ATen's softmax backward),
     dq = scale dS k, dk = dS^T (scale q), dv = (where(keep, P, 0) / (1 - p))^T dC. Memory: the [b, h, sq, sk]
     probabilities in the input dtype (and the bool mask), what the unfused path keeps too; SDPA keeps less.
+    The probabilities are kept as one contiguous tensor per chunk of heads: a chunk of a [b, h, sq, sk] tensor is
+    not contiguous (it strides over b), so writing the softmax into it, and reading it in the backward's softmax
+    and matmuls, would copy the [b, chunk, sq, sk] block four times per chunk.
     Autocast is off inside; k and v are brought to q's dtype. q, k, v (and keep) arrive with one shared
     [b, h] (:func:`attention_written_out` expands broadcast ones outside, where autograd sums their gradients).
     """
@@ -89,42 +92,44 @@ class _WrittenOutAttention(torch.autograd.Function):
             k, v = k.to(q.dtype), v.to(q.dtype)
             q_scaled = q * scale
             b, h, sq, sk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
-            probs = q.new_empty(b, h, sq, sk)
+            probs = []  # one contiguous [b, chunk, sq, sk] tensor per chunk of heads (class docstring)
             context = q.new_empty(b, h, sq, q.shape[-1])
             per_chunk = _heads_per_chunk(q, k)
+            fully_masked = None
+            if mask is not None:
+                fully_masked = mask.all(dim=-1, keepdim=True)
+                if not bool(fully_masked.any()):
+                    fully_masked = None
             for first in range(0, h, per_chunk):
                 heads = slice(first, first + per_chunk)
                 scores = torch.matmul(q_scaled[:, heads], k[:, heads].transpose(-1, -2))
                 chunk_mask = _heads(mask, heads)
                 if chunk_mask is not None:
                     scores.masked_fill_(chunk_mask, float("-inf"))
-                chunk_probs = probs[:, heads]
-                torch.softmax(scores, dim=-1, out=chunk_probs)
+                chunk_probs = torch.softmax(scores, dim=-1)
                 del scores
+                if fully_masked is not None:  # softmax of an all -inf row is NaN; the contract is a zero context
+                    chunk_probs.masked_fill_(_heads(fully_masked, heads), 0.0)
+                probs.append(chunk_probs)
                 dropped = chunk_probs if keep is None else torch.where(keep[:, heads], chunk_probs, 0.0)
                 torch.matmul(dropped, v[:, heads], out=context[:, heads])
-            if mask is not None:
-                fully_masked = mask.all(dim=-1, keepdim=True)
-                if bool(fully_masked.any()):  # softmax of an all -inf row is NaN; the contract is a zero context
-                    probs.masked_fill_(fully_masked, 0.0)
-                    context.masked_fill_(fully_masked, 0.0)
             if keep_scale != 1.0:
                 context.mul_(keep_scale)
         ctx.scale, ctx.keep_scale, ctx.per_chunk = scale, keep_scale, per_chunk
-        ctx.save_for_backward(q_scaled, k, v, probs, keep)
+        ctx.save_for_backward(q_scaled, k, v, keep, *probs)
         return context
 
     @staticmethod
     def backward(ctx, grad_context):
-        q_scaled, k, v, probs, keep = ctx.saved_tensors
-        grad = grad_context.to(probs.dtype)
+        q_scaled, k, v, keep, *probs = ctx.saved_tensors
+        grad = grad_context.to(probs[0].dtype)
         if ctx.keep_scale != 1.0:
             grad = grad * ctx.keep_scale
-        h = probs.shape[1]
+        h = q_scaled.shape[1]
         grad_q, grad_k, grad_v = torch.empty_like(q_scaled), torch.empty_like(k), torch.empty_like(v)
-        for first in range(0, h, ctx.per_chunk):
+        for index, first in enumerate(range(0, h, ctx.per_chunk)):
             heads = slice(first, first + ctx.per_chunk)
-            p, g = probs[:, heads], grad[:, heads]
+            p, g = probs[index], grad[:, heads]
             chunk_keep = None if keep is None else keep[:, heads]
             dropped = p if chunk_keep is None else torch.where(chunk_keep, p, 0.0)
             torch.matmul(dropped.transpose(-1, -2), g, out=grad_v[:, heads])
