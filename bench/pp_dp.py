@@ -17,6 +17,15 @@ measured with ``torch.autograd.graph.saved_tensors_hooks``). The single-process 
 the same micro-batches on rank 0 before the pipeline runs (on this 2-core CPU the pipeline cannot be faster: the
 point of the row is memory, and that the schedule adds little time).
 
+``distributed_optimizer`` (dp = ``--world-size``): the protein BERT (``--opt-layers`` layers of width
+``--opt-hidden``) trained as the pretraining trains it, in fp32 and in bf16 (bf16 parameters, float32 main
+parameters), with and without ``--use-distributed-optimizer``: the optimizer-state bytes each rank holds (float32
+main parameters and AdamW's two moments, counted from the tensors themselves; the float32 gradient buffer and the
+model's parameters beside them, which the distributed optimizer does not shard), the bytes each rank sends per
+step for the gradient and parameter sync (all-reduce 2 (n - 1) / n x the fp32 gradients; reduce-scatter (n - 1) /
+n x the fp32 gradients + all-gather (n - 1) / n x the parameters in their dtype), the median step time (forward,
+backward, sync, step), and the largest difference between their parameters after the timed steps.
+
 Every timed repetition runs the cases back to back after a barrier, so a busy machine slows them alike; the JSON
 gives medians. Run::
 
@@ -238,17 +247,102 @@ def _timed_local(fn) -> float:
     return time.perf_counter() - start
 
 
+def bench_distributed_optimizer(args, pg) -> dict:
+    """Optimizer-state memory per rank and step cost with and without the distributed optimizer (module doc)."""
+    from megatron_protein.models.bert import BertConfig, ProteinBertModel, masked_lm_loss, predicted_labels
+    from megatron_protein.parallel.tensor_parallel import model_parallel_seed
+    from megatron_protein.training.mixed_precision_optimizer import MixedPrecisionOptimizer, build_data_parallel
+    from megatron_protein.training.optimizer import OptimConfig
+
+    dp = pg.size("dp")
+    g = torch.Generator().manual_seed(5 + pg.rank_in("dp"))
+    tokens = torch.randint(5, 25, (args.micro_batch_size, args.seq_length), generator=g)
+    labels = torch.where(torch.rand(tokens.shape, generator=g) < 0.15, tokens, torch.full_like(tokens, -100))
+    result = {"dp": dp, "hidden": args.opt_hidden, "layers": args.opt_layers}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cases = {}
+        for distributed in (False, True):
+            model_parallel_seed(1, pg)
+            config = BertConfig(num_layers=args.opt_layers, hidden_size=args.opt_hidden,
+                                num_attention_heads=max(1, args.opt_hidden // 64),
+                                max_position_embeddings=args.seq_length, hidden_dropout=0.0, attention_dropout=0.0)
+            model = ProteinBertModel(config, pg)
+            ddp = build_data_parallel(model, pg, overlap_grad_reduce=False, use_distributed_optimizer=distributed)
+            ddp.broadcast_parameters()
+            optimizer = MixedPrecisionOptimizer(ddp, OptimConfig(lr=1e-4), dtype, pg)
+            cases[distributed] = (model, ddp, optimizer)
+
+        def step(distributed):
+            model, ddp, optimizer = cases[distributed]
+            optimizer.zero_grad()
+            predicted = labels != -100
+            logits = model(tokens, None, prediction_mask=predicted)
+            loss, _ = masked_lm_loss(logits, *predicted_labels(labels, predicted), pg)
+            loss.backward()
+            ddp.sync_gradients()
+            norm, finite = optimizer.grad_norm_and_finite(loss)
+            optimizer.clip_(1.0, norm)
+            optimizer.step()
+
+        times = {False: [], True: []}
+        for rep in range(args.warmup + args.reps):
+            for distributed in (False, True):
+                t = _timed(lambda: step(distributed))
+                if rep >= args.warmup:
+                    times[distributed].append(t)
+        _log(pg, f"distributed optimizer: {precision} done")
+        # The two differ only in how the global norm's partial sums are added (float64), hence in the last bit of
+        # a clipping coefficient at most.
+        diff = max(float((a.float() - b.float()).abs().max())
+                   for a, b in zip(cases[False][0].parameters(), cases[True][0].parameters()))
+        entry = {"max_abs_parameter_difference_after_steps": diff}
+        for distributed, (model, ddp, optimizer) in cases.items():
+            numel = sum(p.numel() for p in model.parameters())
+            sizes = optimizer.state_bytes()
+            param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            grad_bytes = sizes["grad_buffer"]
+            if distributed:
+                sent = (dp - 1) / dp * (grad_bytes + param_bytes)
+            else:
+                sent = 2 * (dp - 1) / dp * grad_bytes
+            entry["with" if distributed else "without"] = {
+                "parameters": numel,
+                "optimizer_state_mib_per_rank": round(sizes["optimizer_state"] / 2 ** 20, 2),
+                "main_params_mib": round(sizes["main_params"] / 2 ** 20, 2),
+                "adam_moments_mib": round(sizes["adam_moments"] / 2 ** 20, 2),
+                "grad_buffer_mib": round(grad_bytes / 2 ** 20, 2),
+                "model_params_mib": round(param_bytes / 2 ** 20, 2),
+                "bytes_per_param_per_rank": round((sizes["optimizer_state"] + grad_bytes + param_bytes) / numel, 2),
+                "sync_mib_sent_per_rank_per_step": round(sent / 2 ** 20, 2),
+                "step_ms_median": round(1e3 * statistics.median(times[distributed]), 1)}
+        entry["optimizer_state_ratio_with_vs_without"] = round(
+            entry["with"]["optimizer_state_mib_per_rank"] / entry["without"]["optimizer_state_mib_per_rank"], 3)
+        result[precision] = entry
+    return result
+
+
 def _bench(args) -> dict:
     torch.set_num_threads(1)
     out = {"benchmark": "pp_dp", "world_size": None, "torch": torch.__version__, "layers": args.layers,
            "hidden": args.hidden, "reps": args.reps}
+    out["date"] = time.strftime("%Y-%m-%d %H:%M")
+    with open("/proc/loadavg") as f:
+        out["load_average_before"] = f.read().split()[:3]
     pg = scg.init_process_group([("dp", None)])
     out["world_size"] = pg.world_size
     out["backend"] = pg.backend
-    out["dp"] = bench_dp(args, pg)
-    out["dp_overlap"] = bench_dp_overlap(args, pg)
+    sections = set(args.sections)
+    if "dp" in sections:
+        out["dp"] = bench_dp(args, pg)
+    if "dp_overlap" in sections:
+        out["dp_overlap"] = bench_dp_overlap(args, pg)
+    if "distributed_optimizer" in sections:
+        out["distributed_optimizer"] = bench_distributed_optimizer(args, pg)
     pg = scg.init_process_group([("pp", None)])
-    out["pp"] = bench_pp(args, pg)
+    if "pp" in sections:
+        out["pp"] = bench_pp(args, pg)
+    with open("/proc/loadavg") as f:
+        out["load_average_after"] = f.read().split()[:3]
     return out
 
 
@@ -260,6 +354,10 @@ def main(argv=None) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--bucket-mb", type=float, default=4.0, help="DP bucket size in MiB (float32)")
+    parser.add_argument("--opt-hidden", type=int, default=256, help="width of the distributed-optimizer model")
+    parser.add_argument("--opt-layers", type=int, default=4)
+    parser.add_argument("--sections", nargs="+", default=["dp", "dp_overlap", "distributed_optimizer", "pp"],
+                        choices=["dp", "dp_overlap", "distributed_optimizer", "pp"])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--world-size", type=int, default=2, help="processes to spawn when not under torchrun")

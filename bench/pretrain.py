@@ -7,15 +7,22 @@ for, in this one process and on the same thread count:
 - ``megatron_protein``: our ProteinBertModel at TP=1 (the production code path of pretraining, sparse prediction
   included: the last layer and the MLM head at the masked positions only) with dropout 0.1 like BERT,
   ``megatron_protein_nodropout`` with dropout 0 like ESM2 (which has none), and
-  ``megatron_protein_nodropout_allpositions``, the same with ``--no-sparse-prediction``; fp32 and bf16 autocast;
+  ``megatron_protein_nodropout_allpositions``, the same with ``--no-sparse-prediction``; in fp32, and in bf16 as
+  ``--bf16`` trains (bf16 parameters, float32 main parameters and gradient accumulation in the
+  :class:`~megatron_protein.training.mixed_precision_optimizer.MixedPrecisionOptimizer`), plus
+  ``megatron_protein_nodropout_autocast``, the same model as ``--bf16 --autocast`` runs it (float32 parameters
+  under ``torch.autocast``, what ``--bf16`` did before);
 - Hugging Face ``transformers.BertForMaskedLM`` and ``EsmForMaskedLM`` (sdpa attention), and fair-esm's ``ESM2``,
-  randomly initialised at the same sizes (vocab 33 for ESM's alphabet, 30 + padding for ours, 30 for BERT).
+  randomly initialised at the same sizes (vocab 33 for ESM's alphabet, 30 + padding for ours, 30 for BERT), bf16
+  by autocast (their training scripts' way).
 
 Model FLOPs per step follow Narayanan et al. 2021 (Megatron-LM, appendix), without recompute:
 ``72 B s L h^2 (1 + s / (6 h)) + 6 B s h V`` for B sequences of s tokens, L layers, hidden h, vocabulary V.
 MFU divides the achieved model FLOP/s by this machine's measured fp32 matmul rate (``torch.mm`` of 2048 x 2048
 on the same threads), the fair ceiling for a CPU; bf16 runs are also divided by the measured bf16 matmul rate (on a
-CPU with AVX512-BF16 about four times the fp32 one), their own ceiling. Model FLOPs are the dense model's, for every
+CPU with AVX512-BF16 about four times the fp32 one), their own ceiling. Each rate is the best of many timed
+repetitions, measured before and after every timing: on a busy core a single or median measurement understates
+the rate and inflates MFU. Model FLOPs are the dense model's, for every
 model: sparse prediction skips about 0.7 / L of them, so its MFU counts work the step does not do; the
 ``_allpositions`` run's MFU is the hardware-efficiency figure. Throughput is timed in this one process, all models built side
 by side and stepped in rotating rounds (a load change on a shared machine hits all alike); tokens/s is from the
@@ -24,9 +31,20 @@ Peak memory cannot be attributed inside one process (freed CPU memory stays resi
 measured in a fresh child process: the peak resident set size during its training steps above the level before
 the model was built, sampled every 2 ms.
 
-    python bench/pretrain.py [--configs small base] [--steps 5] [--threads 2] [--peers bert esm esm2]
+Ratio to fair-esm ESM2 and its spread (``--ratio-repeats N``, default 3): ESM2's step time moves with the
+allocator's state of the process it runs in, so the ratio of ours (dropout 0, bf16 as ``--bf16`` trains; and fp32)
+to ESM2 is measured again in N fresh processes, each timing only those two in rotating rounds, and reported as
+min / median / max over them.
 
-Prints one JSON object (also written to --output when given).
+Profile (``--profile``): torch.profiler over ``--profile-steps`` steps of ours (dropout 0) in fp32, bf16 autocast
+and bf16 with main parameters, each step's self CPU time summed by kind of operator (matmul, copy, elementwise,
+softmax, layer norm, embedding and gather/scatter, optimizer, other; ``PROFILE_KINDS``), with the number of
+``aten::copy_`` calls per step and the largest operators.
+
+    python bench/pretrain.py [--configs small base] [--steps 5] [--threads 2] [--peers bert esm esm2]
+                             [--ratio-repeats 3] [--profile]
+
+Prints one JSON object (also written to --output when given), with ``uptime`` before and after.
 """
 from __future__ import annotations
 
@@ -83,6 +101,8 @@ class PeakRSS:
 
 
 def matmul_flops_per_second(threads: int, n: int = 2048, reps: int = 10, dtype=torch.float32) -> float:
+    """This machine's matmul rate: ``torch.mm`` of two n x n matrices, the best of ``reps`` repetitions (the
+    fastest repetition is the one least disturbed by other load)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(2):
         torch.mm(a, b)
@@ -91,7 +111,15 @@ def matmul_flops_per_second(threads: int, n: int = 2048, reps: int = 10, dtype=t
         start = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / min(times)
+
+
+def uptime() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return "load average " + ", ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def model_flops_per_step(cfg: dict, vocab: int) -> float:
@@ -100,10 +128,13 @@ def model_flops_per_step(cfg: dict, vocab: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True):
+def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True, main_params_dtype=None):
+    """Ours as the pretraining builds it. ``main_params_dtype`` (bf16): the model in that dtype with the
+    mixed-precision optimizer (``--bf16``); None: float32 parameters and torch AdamW (fp32, ``--autocast``)."""
     from megatron_protein.models.bert import BertConfig, ProteinBertModel, masked_lm_loss, predicted_labels
     from megatron_protein.parallel import scg
     from megatron_protein.parallel.tensor_parallel import model_parallel_seed
+    from megatron_protein.training.mixed_precision_optimizer import MixedPrecisionOptimizer, build_data_parallel
     from megatron_protein.training.optimizer import OptimConfig, build_optimizer
 
     groups = scg.init_process_group([("dp", None), ("pp", 1), ("tp", 1)])
@@ -111,7 +142,13 @@ def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True):
     config = BertConfig(num_layers=cfg["layers"], hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
                         max_position_embeddings=cfg["seq"], hidden_dropout=dropout, attention_dropout=dropout)
     model = ProteinBertModel(config, groups)
-    model.build_optimizer = lambda: build_optimizer(model, OptimConfig(lr=1e-4))  # the pretraining optimizer
+    if main_params_dtype is None:
+        model.build_optimizer = lambda: build_optimizer(model, OptimConfig(lr=1e-4))  # the pretraining optimizer
+    else:
+        ddp = build_data_parallel(model, groups, overlap_grad_reduce=False, use_distributed_optimizer=False)
+        optimizer = MixedPrecisionOptimizer(ddp, OptimConfig(lr=1e-4), main_params_dtype, groups)
+        model.build_optimizer = lambda: optimizer
+        model.runs_in = main_params_dtype  # no autocast around it
 
     def loss_fn(tokens, labels):
         predicted = labels != -100
@@ -165,15 +202,15 @@ def build_fair_esm2(cfg: dict):
     return model, loss_fn, len(alphabet)
 
 
-def build_ours_without_dropout(cfg: dict):
+def build_ours_without_dropout(cfg: dict, **kwargs):
     """Ours with dropout 0, like fair-esm's ESM2 (which has no dropout at all): the like-for-like comparison."""
-    return build_ours(cfg, dropout=0.0)
+    return build_ours(cfg, dropout=0.0, **kwargs)
 
 
-def build_ours_without_dropout_all_positions(cfg: dict):
+def build_ours_without_dropout_all_positions(cfg: dict, **kwargs):
     """Ours without dropout and without sparse prediction (``--no-sparse-prediction``: the last layer and the MLM
     head at every position, as the peers compute them): what sparse prediction is worth."""
-    return build_ours(cfg, dropout=0.0, sparse_prediction=False)
+    return build_ours(cfg, dropout=0.0, sparse_prediction=False, **kwargs)
 
 
 #: The dropout each peer trains with at its defaults (fair-esm's ESM2 has no dropout layers).
@@ -181,13 +218,20 @@ PEER_DROPOUT = {"bert": 0.1, "esm": 0.1, "esm2": 0.0}
 
 BUILDERS = {"megatron_protein": build_ours, "megatron_protein_nodropout": build_ours_without_dropout,
             "megatron_protein_nodropout_allpositions": build_ours_without_dropout_all_positions,
+            "megatron_protein_nodropout_autocast": build_ours_without_dropout,
             "bert": build_hf_bert, "esm": build_hf_esm, "esm2": build_fair_esm2}
+#: Ours in bf16 as ``--bf16`` trains it (bf16 parameters, float32 main parameters); the ``_autocast`` variant
+#: and the peers run bf16 by autocast.
+OURS_MAIN_PARAMS = ("megatron_protein", "megatron_protein_nodropout", "megatron_protein_nodropout_allpositions")
 
 
 def prepare(name: str, cfg: dict, dtype: str) -> dict:
     """Build ``name`` at ``cfg``'s size with its optimizer and a fixed MLM batch; return a one-step closure."""
     torch.manual_seed(0)
-    model, loss_fn, vocab = BUILDERS[name](cfg)
+    if dtype == "bf16" and name in OURS_MAIN_PARAMS:
+        model, loss_fn, vocab = BUILDERS[name](cfg, main_params_dtype=torch.bfloat16)
+    else:
+        model, loss_fn, vocab = BUILDERS[name](cfg)
     model.train()
     # Ours: the pretraining optimizer (no decay on biases/norms, fused AdamW); peers: torch's default AdamW, what
     # their own training scripts build.
@@ -198,15 +242,20 @@ def prepare(name: str, cfg: dict, dtype: str) -> dict:
     tokens = torch.randint(5, 25, (cfg["batch"], cfg["seq"]), generator=g)
     labels = torch.where(torch.rand(tokens.shape, generator=g) < 0.15, tokens, torch.full_like(tokens, -100))
 
+    own_dtype = getattr(model, "runs_in", None)  # bf16 parameters: no autocast
+
     def step() -> tuple[float, float]:
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16"
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" and own_dtype is None
                     else torch.autocast("cpu", enabled=False))
         start = time.perf_counter()
         with autocast:
             loss = loss_fn(tokens, labels)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if own_dtype is None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.zero_grad()  # the float32 main-gradient buffers
         return time.perf_counter() - start, loss.item()
 
     return {"model": model, "optimizer": optimizer, "step": step, "vocab": vocab,
@@ -252,6 +301,70 @@ def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup
     return results
 
 
+#: Profile categories: an operator's self time goes to the first kind whose names contain it.
+PROFILE_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+               "mkldnn", "onednn"),
+    "copy": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack"),
+    "softmax": ("softmax",),
+    "layer_norm": ("layer_norm",),
+    "embedding_gather_scatter": ("embedding", "gather", "scatter", "index", "masked_select", "nonzero"),
+    "optimizer": ("adam", "_foreach", "norm"),
+    "elementwise": ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::where", "gelu", "aten::neg",
+                    "aten::exp", "aten::log", "aten::sum", "aten::fill_", "aten::zero_", "aten::uniform_",
+                    "aten::lt", "aten::masked_fill", "aten::erf", "aten::rsqrt", "aten::sqrt", "aten::pow",
+                    "aten::amax", "aten::max", "aten::mean", "aten::threshold", "aten::tanh"),
+}
+
+
+def profile_summary(name: str, cfg: dict, dtype: str, steps: int, threads: int) -> dict:
+    """Self CPU time of ``steps`` steps of ``name`` (after 2 warm-up steps) by :data:`PROFILE_KINDS`, in a fresh
+    process: shares of the step, copies per step, the ten largest operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    prepared = prepare(name, cfg, dtype)
+    for _ in range(2):
+        prepared["step"]()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            prepared["step"]()
+    wall = (time.perf_counter() - start) / steps
+    totals = {kind: 0.0 for kind in PROFILE_KINDS}
+    totals["other"] = 0.0
+    ops, copies = [], 0
+    for event in prof.key_averages():
+        self_us = event.self_cpu_time_total
+        if self_us <= 0:
+            continue
+        lowered = event.key.lower()
+        kind = next((k for k, needles in PROFILE_KINDS.items() if any(n.lower() in lowered for n in needles)),
+                    "other")
+        totals[kind] += self_us
+        ops.append((self_us, event.key, event.count))
+        if event.key == "aten::copy_":
+            copies += event.count
+    total = sum(totals.values())
+    return {"seconds_per_step_profiled": wall, "self_cpu_seconds_per_step": total / 1e6 / steps,
+            "share": {kind: round(value / total, 4) for kind, value in totals.items()},
+            "copy_calls_per_step": copies / steps,
+            "top_ops": [{"op": key, "share": round(us / total, 4), "calls_per_step": count / steps}
+                        for us, key, count in sorted(ops, reverse=True)[:10]]}
+
+
+def _child(fn, *args):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def ratio_in_fresh_process(cfg: dict, dtype: str, steps: int, warmup: int, threads: int) -> dict:
+    """Tokens/s of ours (dropout 0) and fair-esm's ESM2 timed in rotating rounds in this (fresh) process."""
+    torch.set_num_threads(threads)
+    runs = time_interleaved(["megatron_protein_nodropout", "esm2"], cfg, dtype, steps, warmup)
+    return {name: runs[name]["tokens_per_s"] for name in runs}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -260,39 +373,51 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every model each)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ratio-repeats", type=int, default=3,
+                        help="fresh processes timing ours against fair-esm ESM2 again (0: none)")
+    parser.add_argument("--profile", action="store_true", help="add the profile summary of ours")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-model peak-memory child processes")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    peak = matmul_flops_per_second(args.threads)
+    peak = max(matmul_flops_per_second(args.threads, reps=20) for _ in range(2))
+    bf16_peak = max(matmul_flops_per_second(args.threads, reps=20, dtype=torch.bfloat16) for _ in range(2))
     report = {"benchmark": "pretrain", "torch": torch.__version__, "threads": args.threads,
-              "measured_fp32_matmul_tflops": peak / 1e12, "configs": {}}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "uptime_before": uptime(),
+              "measured_fp32_matmul_tflops": peak / 1e12, "measured_bf16_matmul_tflops": bf16_peak / 1e12,
+              "configs": {}}
     from megatron_protein import kernels
-    names = ["megatron_protein", "megatron_protein_nodropout", "megatron_protein_nodropout_allpositions", *args.peers]
+    base_names = ["megatron_protein", "megatron_protein_nodropout", "megatron_protein_nodropout_allpositions"]
     for config_name in args.configs:
         cfg = CONFIGS[config_name]
         entry = {"shape": cfg, "runs": {}}
         for dtype in args.dtypes:
-            # The matmul rate is re-measured around every timing and the best kept, so that a loaded machine
+            names = base_names + (["megatron_protein_nodropout_autocast"] if dtype == "bf16" else []) + args.peers
+            # The matmul rates are re-measured around every timing and the best kept, so that a loaded machine
             # cannot make the ceiling look low (and MFU high).
-            peak = max(peak, matmul_flops_per_second(args.threads))
             runs = time_interleaved(names, cfg, dtype, args.steps, args.warmup)
-            peak = max(peak, matmul_flops_per_second(args.threads))
-            report["measured_fp32_matmul_tflops"] = peak / 1e12
+            peak = max(peak, matmul_flops_per_second(args.threads, reps=20))
             if dtype == "bf16":
-                bf16_peak = max(matmul_flops_per_second(args.threads, dtype=torch.bfloat16) for _ in range(2))
-                report["measured_bf16_matmul_tflops"] = bf16_peak / 1e12
+                bf16_peak = max(bf16_peak, matmul_flops_per_second(args.threads, reps=20, dtype=torch.bfloat16))
+            report["measured_fp32_matmul_tflops"] = peak / 1e12
+            report["measured_bf16_matmul_tflops"] = bf16_peak / 1e12
             for name in names:
                 run = runs[name]
+                run["precision"] = ("fp32" if dtype == "fp32" else
+                                    "bf16 parameters + fp32 main" if name in OURS_MAIN_PARAMS else "bf16 autocast")
                 run["mfu_vs_measured_fp32_matmul"] = run["model_tflops_per_s"] * 1e12 / peak
                 run["measured_fp32_matmul_tflops"] = peak / 1e12
                 if dtype == "bf16":  # the ceiling of a bf16 step is the machine's bf16 matmul rate
                     run["mfu_vs_measured_bf16_matmul"] = run["model_tflops_per_s"] * 1e12 / bf16_peak
-                with multiprocessing.get_context("spawn").Pool(1) as pool:
-                    run["peak_memory_mib"] = pool.apply(peak_memory_alone, (name, cfg, dtype, args.threads))
+                if not args.no_memory:
+                    run["peak_memory_mib"] = _child(peak_memory_alone, name, cfg, dtype, args.threads)
                 entry["runs"][f"{name}/{dtype}"] = run
+                mfu = run.get("mfu_vs_measured_bf16_matmul", run["mfu_vs_measured_fp32_matmul"])
                 print(f"[bench/pretrain] {config_name} {name}/{dtype}: {run['tokens_per_s']:.0f} tokens/s "
-                      f"(median {run['tokens_per_s_median']:.0f}), MFU {run['mfu_vs_measured_fp32_matmul']:.1%}, "
-                      f"peak {run['peak_memory_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                      f"(median {run['tokens_per_s_median']:.0f}), MFU {mfu:.1%} of the {dtype} matmul rate"
+                      + (f", peak {run['peak_memory_mib']:.0f} MiB" if "peak_memory_mib" in run else ""),
+                      file=sys.stderr, flush=True)
             peers = {p: runs[p]["tokens_per_s"] for p in args.peers}
             if peers:
                 fastest = max(peers, key=peers.get)
@@ -305,7 +430,33 @@ def main(argv=None) -> dict:
             entry[f"sparse_prediction_speedup_{dtype}"] = (
                 runs["megatron_protein_nodropout"]["tokens_per_s"]
                 / runs["megatron_protein_nodropout_allpositions"]["tokens_per_s"])
+            if dtype == "bf16":
+                entry["bf16_main_params_speedup_vs_autocast"] = (
+                    runs["megatron_protein_nodropout"]["tokens_per_s"]
+                    / runs["megatron_protein_nodropout_autocast"]["tokens_per_s"])
+            if args.ratio_repeats > 0 and "esm2" in args.peers:
+                repeats = [_child(ratio_in_fresh_process, cfg, dtype, args.steps, args.warmup, args.threads)
+                           for _ in range(args.ratio_repeats)]
+                ratios = sorted(r["megatron_protein_nodropout"] / r["esm2"] for r in repeats)
+                esm2 = sorted(r["esm2"] for r in repeats)
+                entry[f"ratio_vs_esm2_over_fresh_processes_{dtype}"] = {
+                    "runs": repeats, "ratio_min": ratios[0], "ratio_median": statistics.median(ratios),
+                    "ratio_max": ratios[-1], "esm2_tokens_per_s_min": esm2[0], "esm2_tokens_per_s_max": esm2[-1]}
+                print(f"[bench/pretrain] {config_name} {dtype}: ours / ESM2 over {len(ratios)} fresh processes "
+                      f"{ratios[0]:.2f} - {ratios[-1]:.2f}", file=sys.stderr, flush=True)
+        if args.profile:
+            entry["profile"] = {}
+            for label, name, dtype in (("fp32", "megatron_protein_nodropout", "fp32"),
+                                       ("bf16_autocast", "megatron_protein_nodropout_autocast", "bf16"),
+                                       ("bf16_main_params", "megatron_protein_nodropout", "bf16")):
+                if dtype in args.dtypes:
+                    entry["profile"][label] = _child(profile_summary, name, cfg, dtype, args.profile_steps,
+                                                     args.threads)
+                    share = entry["profile"][label]["share"]
+                    print(f"[bench/pretrain] {config_name} profile {label}: " + ", ".join(
+                        f"{k} {v:.0%}" for k, v in share.items()), file=sys.stderr, flush=True)
         report["configs"][config_name] = entry
+    report["uptime_after"] = uptime()
     report["kernel_fallbacks"] = kernels.dispatch.fallbacks()
     text = json.dumps(report, indent=2)
     print(text)
