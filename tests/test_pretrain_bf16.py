@@ -311,3 +311,26 @@ def test_a_distributed_optimizer_checkpoint_resumes_at_another_dp_degree(two_pro
                                    err_msg=precision)
         np.testing.assert_allclose(resumed["grad_norms"], reference["grad_norms"][3:], rtol=LOSS_RTOL,
                                    atol=LOSS_ATOL, err_msg=precision)
+
+
+@pytest.mark.slow
+def test_the_distributed_optimizer_combines_with_interleaving_and_sequence_parallelism(data_prefix):
+    """4 processes, 4 layers, global batch 16, fp32 (where the comparison is tight): the interleaved schedule
+    (PP=2 x DP=2, one layer per virtual stage) and sequence parallelism (TP=2 x DP=2, with the overlapped
+    reduce-scatter) give the same curve with and without the distributed optimizer, which holds half the state."""
+    def run(extra, tp=1, pp=1):
+        argv = argv_for(data_prefix, extra, tp=tp, pp=pp)
+        argv[argv.index("--num-layers") + 1] = "4"
+        argv[argv.index("--global-batch-size") + 1] = "16"
+        return (argv, None, 0)
+
+    interleaved, sequence = ["--num-layers-per-virtual-pipeline-stage", "1"], ["--sequence-parallel"]
+    runs = [run(interleaved, pp=2), run(interleaved + ["--use-distributed-optimizer"], pp=2),
+            run(sequence, tp=2), run(sequence + ["--use-distributed-optimizer", "--overlap-grad-reduce"], tp=2)]
+    per_rank = run_distributed(inspected_runs, 4, runs, timeout=400)
+    for ranks in per_rank:
+        for plain, sharded, what in ((ranks[0], ranks[1], "interleaved"), (ranks[2], ranks[3], "sequence parallel")):
+            assert_close_curves(sharded, plain, LOSS_RTOL, LOSS_RTOL, f"{what}, rank {plain['rank']}",
+                                loss_atol=LOSS_ATOL)
+            full, half = plain["state_bytes"]["optimizer_state"], sharded["state_bytes"]["optimizer_state"]
+            assert 0.5 * full <= half <= 0.5 * full + 64 * 8, (what, full, half)
