@@ -24,7 +24,17 @@ Peak memory cannot be attributed inside one process (freed CPU memory stays resi
 measured in a fresh child process: the peak resident set size during its training steps above the level before
 the model was built, sampled every 2 ms.
 
+With ``--compile-layers``, ``megatron_protein_compiled`` and ``megatron_protein_nodropout_compiled`` are ours with
+``BertConfig.compile_layers`` (each layer's non-matmul work through one ``torch.compile``d chain,
+``megatron_protein/kernels/compiled.py``); their first warm-up step includes the compilation, reported as
+``compile_seconds`` (first step minus the best step) with the number of steps after which it has paid for itself
+against the eager model of the same dropout (``break_even_steps``). With ``--profile``, one step of each of our
+dropout-0 models (eager, compiled) under ``torch.profiler`` is summarised as the share of the operators' self CPU
+time in matmuls, copies (casts, layout changes), inductor's fused kernels, the optimizer and the other (elementwise,
+reduction) operators.
+
     python bench/pretrain.py [--configs small base] [--steps 5] [--threads 2] [--peers bert esm esm2]
+        [--compile-layers] [--profile]
 
 Prints one JSON object (also written to --output when given).
 """
@@ -100,7 +110,7 @@ def model_flops_per_step(cfg: dict, vocab: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True):
+def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True, compile_layers: bool = False):
     from megatron_protein.models.bert import BertConfig, ProteinBertModel, masked_lm_loss, predicted_labels
     from megatron_protein.parallel import scg
     from megatron_protein.parallel.tensor_parallel import model_parallel_seed
@@ -109,7 +119,8 @@ def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True):
     groups = scg.init_process_group([("dp", None), ("pp", 1), ("tp", 1)])
     model_parallel_seed(1234, groups)
     config = BertConfig(num_layers=cfg["layers"], hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
-                        max_position_embeddings=cfg["seq"], hidden_dropout=dropout, attention_dropout=dropout)
+                        max_position_embeddings=cfg["seq"], hidden_dropout=dropout, attention_dropout=dropout,
+                        compile_layers=compile_layers)
     model = ProteinBertModel(config, groups)
     model.build_optimizer = lambda: build_optimizer(model, OptimConfig(lr=1e-4))  # the pretraining optimizer
 
@@ -176,11 +187,64 @@ def build_ours_without_dropout_all_positions(cfg: dict):
     return build_ours(cfg, dropout=0.0, sparse_prediction=False)
 
 
+def build_ours_compiled(cfg: dict):
+    """Ours (dropout 0.1) with every layer's training forward through one torch.compile'd chain."""
+    return build_ours(cfg, compile_layers=True)
+
+
+def build_ours_without_dropout_compiled(cfg: dict):
+    """Ours with dropout 0 and compiled layers."""
+    return build_ours(cfg, dropout=0.0, compile_layers=True)
+
+
+#: Eager twin of each compiled model (the baseline of its compile time's break-even).
+EAGER_TWIN = {"megatron_protein_compiled": "megatron_protein",
+              "megatron_protein_nodropout_compiled": "megatron_protein_nodropout"}
+
+
+def classify_op(name: str) -> str:
+    """The class of a profiled operator: matmul, copy, inductor_fused, optimizer or other."""
+    if name.startswith(("cpp_fused", "Torch-Compiled Region", "## Call CompiledFxGraph")) or "fused_" in name and \
+            not name.startswith("aten::"):
+        return "inductor_fused"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm") or "mkldnn" in name:
+        return "matmul"
+    if name in ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack",
+                "aten::_unsafe_view", "aten::index", "aten::index_put_", "aten::gather", "aten::scatter_add_"):
+        return "copy"
+    if "adam" in name.lower():
+        return "optimizer"
+    return "other"
+
+
+def profile_summary(step) -> dict:
+    """Share of the operators' self CPU time per :func:`classify_op` class over one training step."""
+    from torch.profiler import ProfilerActivity, profile
+    import torch._inductor.config as inductor_config
+    inductor_config.cpp.enable_kernel_profile = True   # fused kernels appear by name (no recompile needed:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:   # the flag only adds record_function markers)
+        seconds, _ = step()
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for event in prof.key_averages():
+        category = classify_op(event.key)
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total
+        counts[category] = counts.get(category, 0) + event.count
+    total = sum(totals.values()) or 1.0
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {"step_seconds_profiled": seconds,
+            "share": {k: round(v / total, 3) for k, v in sorted(totals.items())},
+            "calls": counts,
+            "top_ops": [[e.key, round(e.self_cpu_time_total / 1e3, 1)] for e in top]}
+
+
 #: The dropout each peer trains with at its defaults (fair-esm's ESM2 has no dropout layers).
 PEER_DROPOUT = {"bert": 0.1, "esm": 0.1, "esm2": 0.0}
 
 BUILDERS = {"megatron_protein": build_ours, "megatron_protein_nodropout": build_ours_without_dropout,
             "megatron_protein_nodropout_allpositions": build_ours_without_dropout_all_positions,
+            "megatron_protein_compiled": build_ours_compiled,
+            "megatron_protein_nodropout_compiled": build_ours_without_dropout_compiled,
             "bert": build_hf_bert, "esm": build_hf_esm, "esm2": build_fair_esm2}
 
 
@@ -224,13 +288,18 @@ def peak_memory_alone(name: str, cfg: dict, dtype: str, threads: int) -> float:
     return memory.peak_above_base / 2 ** 20
 
 
-def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup: int) -> dict:
+def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup: int,
+                     profile: bool = False) -> dict:
     """Time every model in rounds, one step each per round in rotating order, so that a change in the machine's load
-    hits all of them alike; report the best and the median step time of each."""
+    hits all of them alike; report the best and the median step time of each (and the first warm-up step, which
+    includes a compilation)."""
     prepared = {name: prepare(name, cfg, dtype) for name in names}
+    first_step: dict[str, float] = {}
     for name in names:
-        for _ in range(warmup):
-            prepared[name]["step"]()
+        for i in range(warmup):
+            seconds, _ = prepared[name]["step"]()
+            if i == 0:
+                first_step[name] = seconds
     times: dict[str, list[float]] = {name: [] for name in names}
     losses: dict[str, float] = {}
     for round_index in range(steps):
@@ -246,7 +315,17 @@ def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup
         results[name] = {"tokens_per_s": tokens_per_step / best, "tokens_per_s_median": tokens_per_step / median,
                          "seconds_per_step_best": best, "seconds_per_step_median": median,
                          "model_tflops_per_s": flops / best / 1e12, "parameters": prepared[name]["parameters"],
-                         "last_loss": losses[name]}
+                         "last_loss": losses[name], "first_step_seconds": first_step.get(name)}
+    for name, twin in EAGER_TWIN.items():
+        if name in results and twin in results and first_step.get(name) is not None:
+            compile_seconds = first_step[name] - results[name]["seconds_per_step_best"]
+            saved = results[twin]["seconds_per_step_best"] - results[name]["seconds_per_step_best"]
+            results[name]["compile_seconds"] = compile_seconds
+            results[name]["break_even_steps"] = compile_seconds / saved if saved > 0 else None
+    if profile:
+        for name in names:
+            if name in ("megatron_protein_nodropout", "megatron_protein_nodropout_compiled"):
+                results[name]["profile"] = profile_summary(prepared[name]["step"])
     del prepared
     gc.collect()
     return results
@@ -255,7 +334,11 @@ def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--peers", nargs="+", default=["bert", "esm", "esm2"], choices=["bert", "esm", "esm2"])
+    parser.add_argument("--peers", nargs="*", default=["bert", "esm", "esm2"], choices=["bert", "esm", "esm2"])
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="add ours with compiled layers (megatron_protein[_nodropout]_compiled)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one step of ours (dropout 0, eager and compiled): share of matmul, copies, ...")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every model each)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -268,6 +351,8 @@ def main(argv=None) -> dict:
               "measured_fp32_matmul_tflops": peak / 1e12, "configs": {}}
     from megatron_protein import kernels
     names = ["megatron_protein", "megatron_protein_nodropout", "megatron_protein_nodropout_allpositions", *args.peers]
+    if args.compile_layers:
+        names += ["megatron_protein_compiled", "megatron_protein_nodropout_compiled"]
     for config_name in args.configs:
         cfg = CONFIGS[config_name]
         entry = {"shape": cfg, "runs": {}}
@@ -275,7 +360,7 @@ def main(argv=None) -> dict:
             # The matmul rate is re-measured around every timing and the best kept, so that a loaded machine
             # cannot make the ceiling look low (and MFU high).
             peak = max(peak, matmul_flops_per_second(args.threads))
-            runs = time_interleaved(names, cfg, dtype, args.steps, args.warmup)
+            runs = time_interleaved(names, cfg, dtype, args.steps, args.warmup, profile=args.profile)
             peak = max(peak, matmul_flops_per_second(args.threads))
             report["measured_fp32_matmul_tflops"] = peak / 1e12
             if dtype == "bf16":
@@ -302,6 +387,10 @@ def main(argv=None) -> dict:
                     "peer": fastest, "peer_dropout": PEER_DROPOUT[fastest], "ours": ours,
                     "ratio": runs[ours]["tokens_per_s"] / peers[fastest],
                     "ratio_ours_with_dropout_0.1": runs["megatron_protein"]["tokens_per_s"] / peers[fastest]}
+            for name, twin in EAGER_TWIN.items():
+                if name in runs:   # compiled layers against the same model eager, in the same rounds
+                    entry[f"compiled_speedup_{dtype}_{twin}"] = (runs[name]["tokens_per_s"]
+                                                                 / runs[twin]["tokens_per_s"])
             entry[f"sparse_prediction_speedup_{dtype}"] = (
                 runs["megatron_protein_nodropout"]["tokens_per_s"]
                 / runs["megatron_protein_nodropout_allpositions"]["tokens_per_s"])
