@@ -3,15 +3,22 @@
 A tiny protein BERT (2 layers, hidden 32, 4 heads, seq 16, a padded row) in training mode with dropout 0.1 on
 the hidden states and the attention probabilities: the compiled layers draw their masks outside the graph exactly
 as the eager layers do, so the two must agree with dropout on. Dense prediction (both layers compiled) and sparse
-prediction (the last layer stays eager), loss and every parameter gradient, in float32 and with bf16 parameters
-(Megatron-style ``--bf16``). Tolerances: float32 atol 1e-5 / rtol 1e-4 (inductor reorders sums; observed ~1e-6);
-bf16 |diff| <= 2e-2 max|grad| of each tensor, loss within 1e-2 (bf16 keeps 8 bits: fused and unfused chains round
-at different places; observed about 4e-3). Recompute (``checkpoint_activations``) of compiled layers replays the
-same masks: the gradients equal the compiled run's. TAPE's layers through :func:`compile_transformer_layers`
-(dropout off, float32) give the eager model's logits and gradients (atol 1e-5).
+prediction (the last layer stays eager), loss and every parameter gradient.
+
+- float32: compiled against eager, atol 1e-5 / rtol 1e-4 (inductor reorders sums; observed 5e-7 of a tensor's
+  largest gradient, loss within 3e-7).
+- bf16 parameters (Megatron-style ``--bf16``): bf16 keeps 8 bits and fused and unfused chains round in other
+  places, so both are measured against float32 arithmetic on the same bf16-rounded weights and masks: the compiled
+  run must be as accurate as the eager one, per tensor within 2.5x the eager run's largest error plus 1e-3 of the
+  tensor's largest gradient, and within 3e-2 of it overall; the loss within 1e-3. Observed: eager 1.7e-2,
+  compiled 1.2e-2 to 1.4e-2 of the largest gradient (worst tensor 1.7x eager's error), loss 1e-4 to 2e-4.
+
+Recompute (``checkpoint_activations``) of compiled layers replays the same masks: the gradients equal the compiled
+run's. TAPE's layers through :func:`compile_transformer_layers` (dropout off, float32) give the eager model's
+logits and gradients (atol 1e-5).
 
 The first compilation of each graph takes tens of seconds on a 2-core machine (inductor generates and compiles
-C++); the test is marked slow and compiles three graphs (float32, bf16, TAPE).
+C++); the test is marked slow and compiles three graphs (float32, bf16, TAPE; seconds with inductor's cache).
 """
 from __future__ import annotations
 
@@ -36,14 +43,18 @@ def batch():
     return tokens, mask, labels, loss_mask
 
 
-def run(compile_layers: bool, dtype: torch.dtype, sparse: bool, recompute: bool = False):
+def run(compile_layers: bool, dtype: torch.dtype, sparse: bool, recompute: bool = False, rounded: bool = False):
+    """Loss and parameter gradients (float32) of one training step; ``rounded``: the weights rounded to bf16 first
+    (the float32 reference of a bf16 run)."""
     groups = scg._single_process(("dp",), {"dp": 1})
     model_parallel_seed(5, groups)
     config = BertConfig(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=SEQ,
                         hidden_dropout=0.1, attention_dropout=0.1, compile_layers=compile_layers,
                         checkpoint_activations=recompute, init_seed=9)
-    model = ProteinBertModel(config, groups).to(dtype)
-    model.train()
+    model = ProteinBertModel(config, groups)
+    if rounded:
+        model = model.to(torch.bfloat16)
+    model = model.to(dtype).train()
     tokens, mask, labels, loss_mask = batch()
     if sparse:
         logits = model(tokens, mask, prediction_mask=loss_mask)
@@ -55,19 +66,21 @@ def run(compile_layers: bool, dtype: torch.dtype, sparse: bool, recompute: bool 
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
-def assert_same(got, want, dtype, what):
-    (loss, grads), (ref_loss, ref_grads) = got, want
+def assert_same(compiled_run, eager_run, dtype, what, reference=None):
+    (loss, grads), (eager_loss, eager_grads) = compiled_run, eager_run
     if dtype == torch.float32:
-        assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), what
-    else:
-        assert loss == pytest.approx(ref_loss, abs=1e-2), what
-    for name, ref in ref_grads.items():
-        if dtype == torch.float32:
+        assert loss == pytest.approx(eager_loss, rel=1e-5, abs=1e-6), what
+        for name, ref in eager_grads.items():
             torch.testing.assert_close(grads[name], ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{what} {name}: {m}")
-        else:
-            scale = ref.abs().max().item()
-            diff = (grads[name] - ref).abs().max().item()
-            assert diff <= 2e-2 * scale + 1e-6, f"{what} {name}: max diff {diff:.3g} vs max |grad| {scale:.3g}"
+        return
+    ref_loss, ref_grads = reference
+    assert loss == pytest.approx(ref_loss, abs=1e-3), what
+    for name, ref in ref_grads.items():
+        scale = ref.abs().max().item()
+        error = (grads[name] - ref).abs().max().item()
+        eager_error = (eager_grads[name] - ref).abs().max().item()
+        assert error <= 2.5 * eager_error + 1e-3 * scale, f"{what} {name}: error {error:.3g}, eager's {eager_error:.3g}"
+        assert error <= 3e-2 * scale + 1e-7, f"{what} {name}: error {error:.3g} vs max |grad| {scale:.3g}"
 
 
 @pytest.mark.slow
@@ -75,7 +88,8 @@ def assert_same(got, want, dtype, what):
 def test_compiled_layers_match_eager_with_the_same_dropout_masks(dtype):
     for sparse in (False, True):
         eager = run(False, dtype, sparse)
-        assert_same(run(True, dtype, sparse), eager, dtype, f"{'sparse' if sparse else 'dense'} {dtype}")
+        reference = run(False, torch.float32, sparse, rounded=True) if dtype == torch.bfloat16 else None
+        assert_same(run(True, dtype, sparse), eager, dtype, f"{'sparse' if sparse else 'dense'} {dtype}", reference)
     # Recompute re-runs the compiled forward with the replayed masks: the gradients of the compiled run.
     with_recompute = run(True, dtype, False, recompute=True)
     without = run(True, dtype, False)
