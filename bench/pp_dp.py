@@ -311,7 +311,8 @@ def bench_bubble(args) -> dict:
                                       backward_time=lambda r, c: backward * per_chunk)
             entry["modelled_per_rank"] = [round(m["idle_fraction"], 3) for m in modelled]
             entry["modelled_step_ms"] = round(1e3 * modelled[0]["step"], 1)
-            entry["formula_bubble_over_ideal"] = round((pp - 1) / (chunks * args.micro_batches), 3)
+            bubble = (pp - 1) / (chunks * args.micro_batches)   # bubble time over ideal time (Narayanan et al.)
+            entry["formula_idle_fraction"] = round(bubble / (1 + bubble), 3)
         out[name] = entry
     if rank == 0:
         out["layer_forward_ms"], out["layer_backward_ms"] = (round(1e3 * t, 2) for t in layer_times)
@@ -335,7 +336,7 @@ def bench_sp_memory(args) -> dict:
     models = {}
     for sp in (False, True):
         model_parallel_seed(1, pg)
-        config = BertConfig(num_layers=args.sp_layers, hidden_size=h, num_attention_heads=max(1, h // 64),
+        config = BertConfig(num_layers=args.sp_layers, hidden_size=h, num_attention_heads=max(tp, h // 64),
                             max_position_embeddings=s, hidden_dropout=0.1, attention_dropout=0.1,
                             sequence_parallel=sp)
         models[sp] = ProteinBertModel(config, pg).train()
