@@ -36,13 +36,19 @@ allocator's state of the process it runs in, so the ratio of ours (dropout 0, bf
 to ESM2 is measured again in N fresh processes, each timing only those two in rotating rounds, and reported as
 min / median / max over them.
 
-Profile (``--profile``): torch.profiler over ``--profile-steps`` steps of ours (dropout 0) in fp32, bf16 autocast
-and bf16 with main parameters, each step's self CPU time summed by kind of operator (matmul, copy, elementwise,
-softmax, layer norm, embedding and gather/scatter, optimizer, other; ``PROFILE_KINDS``), with the number of
-``aten::copy_`` calls per step and the largest operators.
+With ``--compile-layers``, ``megatron_protein_compiled`` and ``megatron_protein_nodropout_compiled`` are ours with
+``BertConfig.compile_layers`` (each layer's non-matmul work through one ``torch.compile``d chain,
+``megatron_protein/kernels/compiled.py``); their first warm-up step includes the compilation, reported as
+``compile_seconds`` (first step minus the best step) with the number of steps after which it has paid for itself
+against the eager model of the same dropout (``break_even_steps``).
+
+Profile (``--profile``): one step of each of our dropout-0 models (eager; in bf16 with main parameters and under
+autocast; compiled) under ``torch.profiler``, summarised as the share of the operators' self CPU time in matmuls,
+copies (casts, layout changes), elementwise work (pointwise, softmax, LayerNorm, reductions), inductor's fused
+kernels, the optimizer and the rest (:func:`classify_op`), with the ``aten::copy_`` calls of the step.
 
     python bench/pretrain.py [--configs small base] [--steps 5] [--threads 2] [--peers bert esm esm2]
-                             [--ratio-repeats 3] [--profile]
+                             [--ratio-repeats 3] [--compile-layers] [--profile]
 
 Prints one JSON object (also written to --output when given), with ``uptime`` before and after.
 """
@@ -128,7 +134,8 @@ def model_flops_per_step(cfg: dict, vocab: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True, main_params_dtype=None):
+def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True, compile_layers: bool = False,
+               main_params_dtype=None):
     """Ours as the pretraining builds it. ``main_params_dtype`` (bf16): the model in that dtype with the
     mixed-precision optimizer (``--bf16``); None: float32 parameters and torch AdamW (fp32, ``--autocast``)."""
     from megatron_protein.models.bert import BertConfig, ProteinBertModel, masked_lm_loss, predicted_labels
@@ -140,7 +147,8 @@ def build_ours(cfg: dict, dropout: float = 0.1, sparse_prediction: bool = True, 
     groups = scg.init_process_group([("dp", None), ("pp", 1), ("tp", 1)])
     model_parallel_seed(1234, groups)
     config = BertConfig(num_layers=cfg["layers"], hidden_size=cfg["hidden"], num_attention_heads=cfg["heads"],
-                        max_position_embeddings=cfg["seq"], hidden_dropout=dropout, attention_dropout=dropout)
+                        max_position_embeddings=cfg["seq"], hidden_dropout=dropout, attention_dropout=dropout,
+                        compile_layers=compile_layers)
     model = ProteinBertModel(config, groups)
     if main_params_dtype is None:
         model.build_optimizer = lambda: build_optimizer(model, OptimConfig(lr=1e-4))  # the pretraining optimizer
@@ -213,16 +221,83 @@ def build_ours_without_dropout_all_positions(cfg: dict, **kwargs):
     return build_ours(cfg, dropout=0.0, sparse_prediction=False, **kwargs)
 
 
+def build_ours_compiled(cfg: dict, **kwargs):
+    """Ours (dropout 0.1) with every layer's training forward through one torch.compile'd chain."""
+    return build_ours(cfg, compile_layers=True, **kwargs)
+
+
+def build_ours_without_dropout_compiled(cfg: dict, **kwargs):
+    """Ours with dropout 0 and compiled layers."""
+    return build_ours(cfg, dropout=0.0, compile_layers=True, **kwargs)
+
+
+#: Eager twin of each compiled model (the baseline of its compile time's break-even).
+EAGER_TWIN = {"megatron_protein_compiled": "megatron_protein",
+              "megatron_protein_nodropout_compiled": "megatron_protein_nodropout"}
+
+#: Operators counted as elementwise work (pointwise, softmax, LayerNorm, reductions) by :func:`classify_op`.
+ELEMENTWISE = ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::where", "gelu", "aten::neg", "aten::exp",
+               "aten::log", "aten::sum", "aten::fill_", "aten::zero_", "aten::uniform_", "aten::lt",
+               "aten::masked_fill", "aten::erf", "aten::rsqrt", "aten::sqrt", "aten::pow", "aten::amax",
+               "aten::max", "aten::mean", "aten::tanh", "softmax", "layer_norm", "aten::lerp", "aten::addcmul")
+
+
+def classify_op(name: str) -> str:
+    """The class of a profiled operator: matmul, copy, elementwise, inductor_fused, optimizer or other."""
+    if name.startswith(("cpp_fused", "Torch-Compiled Region", "## Call CompiledFxGraph")) or "fused_" in name and \
+            not name.startswith("aten::"):
+        return "inductor_fused"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm") or "mkldnn" in name:
+        return "matmul"
+    if name in ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack",
+                "aten::_unsafe_view", "aten::index", "aten::index_put_", "aten::gather", "aten::scatter_add_"):
+        return "copy"
+    if "adam" in name.lower() or name.startswith("aten::_foreach"):
+        return "optimizer"
+    if any(part in name for part in ELEMENTWISE):
+        return "elementwise"
+    return "other"
+
+
+def profile_summary(step) -> dict:
+    """Share of the operators' self CPU time per :func:`classify_op` class over one training step."""
+    from torch.profiler import ProfilerActivity, profile
+    import torch._inductor.config as inductor_config
+    inductor_config.cpp.enable_kernel_profile = True   # fused kernels appear by name (no recompile needed:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:   # the flag only adds record_function markers)
+        seconds, _ = step()
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    copies = 0
+    for event in prof.key_averages():
+        category = classify_op(event.key)
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total
+        counts[category] = counts.get(category, 0) + event.count
+        if event.key == "aten::copy_":
+            copies += event.count
+    total = sum(totals.values()) or 1.0
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {"step_seconds_profiled": seconds,
+            "share": {k: round(v / total, 3) for k, v in sorted(totals.items())},
+            "calls": counts, "copy_calls": copies,
+            "top_ops": [[e.key, round(e.self_cpu_time_total / 1e3, 1)] for e in top]}
+
+
 #: The dropout each peer trains with at its defaults (fair-esm's ESM2 has no dropout layers).
 PEER_DROPOUT = {"bert": 0.1, "esm": 0.1, "esm2": 0.0}
 
 BUILDERS = {"megatron_protein": build_ours, "megatron_protein_nodropout": build_ours_without_dropout,
             "megatron_protein_nodropout_allpositions": build_ours_without_dropout_all_positions,
             "megatron_protein_nodropout_autocast": build_ours_without_dropout,
+            "megatron_protein_compiled": build_ours_compiled,
+            "megatron_protein_nodropout_compiled": build_ours_without_dropout_compiled,
             "bert": build_hf_bert, "esm": build_hf_esm, "esm2": build_fair_esm2}
 #: Ours in bf16 as ``--bf16`` trains it (bf16 parameters, float32 main parameters); the ``_autocast`` variant
 #: and the peers run bf16 by autocast.
-OURS_MAIN_PARAMS = ("megatron_protein", "megatron_protein_nodropout", "megatron_protein_nodropout_allpositions")
+OURS_MAIN_PARAMS = ("megatron_protein", "megatron_protein_nodropout", "megatron_protein_nodropout_allpositions",
+                    "megatron_protein_compiled", "megatron_protein_nodropout_compiled")
+#: What --profile profiles (each where it runs).
+PROFILED = ("megatron_protein_nodropout", "megatron_protein_nodropout_autocast", "megatron_protein_nodropout_compiled")
 
 
 def prepare(name: str, cfg: dict, dtype: str) -> dict:
@@ -273,13 +348,18 @@ def peak_memory_alone(name: str, cfg: dict, dtype: str, threads: int) -> float:
     return memory.peak_above_base / 2 ** 20
 
 
-def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup: int) -> dict:
+def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup: int,
+                     profile: bool = False) -> dict:
     """Time every model in rounds, one step each per round in rotating order, so that a change in the machine's load
-    hits all of them alike; report the best and the median step time of each."""
+    hits all of them alike; report the best and the median step time of each (and the first warm-up step, which
+    includes a compilation)."""
     prepared = {name: prepare(name, cfg, dtype) for name in names}
+    first_step: dict[str, float] = {}
     for name in names:
-        for _ in range(warmup):
-            prepared[name]["step"]()
+        for i in range(warmup):
+            seconds, _ = prepared[name]["step"]()
+            if i == 0:
+                first_step[name] = seconds
     times: dict[str, list[float]] = {name: [] for name in names}
     losses: dict[str, float] = {}
     for round_index in range(steps):
@@ -295,62 +375,20 @@ def time_interleaved(names: list[str], cfg: dict, dtype: str, steps: int, warmup
         results[name] = {"tokens_per_s": tokens_per_step / best, "tokens_per_s_median": tokens_per_step / median,
                          "seconds_per_step_best": best, "seconds_per_step_median": median,
                          "model_tflops_per_s": flops / best / 1e12, "parameters": prepared[name]["parameters"],
-                         "last_loss": losses[name]}
+                         "last_loss": losses[name], "first_step_seconds": first_step.get(name)}
+    for name, twin in EAGER_TWIN.items():
+        if name in results and twin in results and first_step.get(name) is not None:
+            compile_seconds = first_step[name] - results[name]["seconds_per_step_best"]
+            saved = results[twin]["seconds_per_step_best"] - results[name]["seconds_per_step_best"]
+            results[name]["compile_seconds"] = compile_seconds
+            results[name]["break_even_steps"] = compile_seconds / saved if saved > 0 else None
+    if profile:
+        for name in names:
+            if name in PROFILED:
+                results[name]["profile"] = profile_summary(prepared[name]["step"])
     del prepared
     gc.collect()
     return results
-
-
-#: Profile categories: an operator's self time goes to the first kind whose names contain it.
-PROFILE_KINDS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-               "mkldnn", "onednn"),
-    "copy": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat", "aten::stack"),
-    "softmax": ("softmax",),
-    "layer_norm": ("layer_norm",),
-    "embedding_gather_scatter": ("embedding", "gather", "scatter", "index", "masked_select", "nonzero"),
-    "optimizer": ("adam", "_foreach", "norm"),
-    "elementwise": ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::where", "gelu", "aten::neg",
-                    "aten::exp", "aten::log", "aten::sum", "aten::fill_", "aten::zero_", "aten::uniform_",
-                    "aten::lt", "aten::masked_fill", "aten::erf", "aten::rsqrt", "aten::sqrt", "aten::pow",
-                    "aten::amax", "aten::max", "aten::mean", "aten::threshold", "aten::tanh"),
-}
-
-
-def profile_summary(name: str, cfg: dict, dtype: str, steps: int, threads: int) -> dict:
-    """Self CPU time of ``steps`` steps of ``name`` (after 2 warm-up steps) by :data:`PROFILE_KINDS`, in a fresh
-    process: shares of the step, copies per step, the ten largest operators."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.set_num_threads(threads)
-    prepared = prepare(name, cfg, dtype)
-    for _ in range(2):
-        prepared["step"]()
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            prepared["step"]()
-    wall = (time.perf_counter() - start) / steps
-    totals = {kind: 0.0 for kind in PROFILE_KINDS}
-    totals["other"] = 0.0
-    ops, copies = [], 0
-    for event in prof.key_averages():
-        self_us = event.self_cpu_time_total
-        if self_us <= 0:
-            continue
-        lowered = event.key.lower()
-        kind = next((k for k, needles in PROFILE_KINDS.items() if any(n.lower() in lowered for n in needles)),
-                    "other")
-        totals[kind] += self_us
-        ops.append((self_us, event.key, event.count))
-        if event.key == "aten::copy_":
-            copies += event.count
-    total = sum(totals.values())
-    return {"seconds_per_step_profiled": wall, "self_cpu_seconds_per_step": total / 1e6 / steps,
-            "share": {kind: round(value / total, 4) for kind, value in totals.items()},
-            "copy_calls_per_step": copies / steps,
-            "top_ops": [{"op": key, "share": round(us / total, 4), "calls_per_step": count / steps}
-                        for us, key, count in sorted(ops, reverse=True)[:10]]}
 
 
 def _child(fn, *args):
@@ -368,15 +406,18 @@ def ratio_in_fresh_process(cfg: dict, dtype: str, steps: int, warmup: int, threa
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--peers", nargs="+", default=["bert", "esm", "esm2"], choices=["bert", "esm", "esm2"])
+    parser.add_argument("--peers", nargs="*", default=["bert", "esm", "esm2"], choices=["bert", "esm", "esm2"])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every model each)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ratio-repeats", type=int, default=3,
                         help="fresh processes timing ours against fair-esm ESM2 again (0: none)")
-    parser.add_argument("--profile", action="store_true", help="add the profile summary of ours")
-    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="add ours with compiled layers (megatron_protein[_nodropout]_compiled)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one step of ours (dropout 0: eager, autocast, compiled): share of matmul, "
+                             "copies, elementwise, ...")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-model peak-memory child processes")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
@@ -393,10 +434,12 @@ def main(argv=None) -> dict:
         cfg = CONFIGS[config_name]
         entry = {"shape": cfg, "runs": {}}
         for dtype in args.dtypes:
-            names = base_names + (["megatron_protein_nodropout_autocast"] if dtype == "bf16" else []) + args.peers
+            names = (base_names + (["megatron_protein_nodropout_autocast"] if dtype == "bf16" else [])
+                     + (["megatron_protein_compiled", "megatron_protein_nodropout_compiled"] if args.compile_layers
+                        else []) + args.peers)
             # The matmul rates are re-measured around every timing and the best kept, so that a loaded machine
             # cannot make the ceiling look low (and MFU high).
-            runs = time_interleaved(names, cfg, dtype, args.steps, args.warmup)
+            runs = time_interleaved(names, cfg, dtype, args.steps, args.warmup, profile=args.profile)
             peak = max(peak, matmul_flops_per_second(args.threads, reps=20))
             if dtype == "bf16":
                 bf16_peak = max(bf16_peak, matmul_flops_per_second(args.threads, reps=20, dtype=torch.bfloat16))
@@ -427,6 +470,10 @@ def main(argv=None) -> dict:
                     "peer": fastest, "peer_dropout": PEER_DROPOUT[fastest], "ours": ours,
                     "ratio": runs[ours]["tokens_per_s"] / peers[fastest],
                     "ratio_ours_with_dropout_0.1": runs["megatron_protein"]["tokens_per_s"] / peers[fastest]}
+            for name, twin in EAGER_TWIN.items():
+                if name in runs:   # compiled layers against the same model eager, in the same rounds
+                    entry[f"compiled_speedup_{dtype}_{twin}"] = (runs[name]["tokens_per_s"]
+                                                                 / runs[twin]["tokens_per_s"])
             entry[f"sparse_prediction_speedup_{dtype}"] = (
                 runs["megatron_protein_nodropout"]["tokens_per_s"]
                 / runs["megatron_protein_nodropout_allpositions"]["tokens_per_s"])
@@ -444,17 +491,6 @@ def main(argv=None) -> dict:
                     "ratio_max": ratios[-1], "esm2_tokens_per_s_min": esm2[0], "esm2_tokens_per_s_max": esm2[-1]}
                 print(f"[bench/pretrain] {config_name} {dtype}: ours / ESM2 over {len(ratios)} fresh processes "
                       f"{ratios[0]:.2f} - {ratios[-1]:.2f}", file=sys.stderr, flush=True)
-        if args.profile:
-            entry["profile"] = {}
-            for label, name, dtype in (("fp32", "megatron_protein_nodropout", "fp32"),
-                                       ("bf16_autocast", "megatron_protein_nodropout_autocast", "bf16"),
-                                       ("bf16_main_params", "megatron_protein_nodropout", "bf16")):
-                if dtype in args.dtypes:
-                    entry["profile"][label] = _child(profile_summary, name, cfg, dtype, args.profile_steps,
-                                                     args.threads)
-                    share = entry["profile"][label]["share"]
-                    print(f"[bench/pretrain] {config_name} profile {label}: " + ", ".join(
-                        f"{k} {v:.0%}" for k, v in share.items()), file=sys.stderr, flush=True)
         report["configs"][config_name] = entry
     report["uptime_after"] = uptime()
     report["kernel_fallbacks"] = kernels.dispatch.fallbacks()

@@ -10,6 +10,10 @@ replicated parameter's whole gradient, after :func:`all_reduce_sequence_parallel
 one-process gradient, and the SP and non-SP TP=2 runs must match each other. Tolerance: float32, atol 2e-6 /
 rtol 1e-5 (partial sums meet in other orders); observed below 5e-7.
 
+The same model with ``compile_layers`` (its layers' forward compiled, with the torch.compile backend ``aot_eager``
+here so that the test need not wait for C++ code generation) at TP=2, with and without sequence parallelism, must
+match one process too: the compiled graphs break at each collective.
+
 With dropout on, the hidden-dropout masks of the two sequence slices must differ: each slice draws from its rank's
 model-parallel stream (drawn from the default generator, seeded alike on both tp ranks, they would be equal).
 """
@@ -41,15 +45,17 @@ def make_batch():
     return tokens, (~padding)[:, None, None, :], labels, loss_mask
 
 
-def config(sequence_parallel: bool, recompute: bool = False, dropout: float = 0.0) -> BertConfig:
+def config(sequence_parallel: bool, recompute: bool = False, dropout: float = 0.0,
+           compile_layers: bool = False) -> BertConfig:
     return BertConfig(num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=SEQ,
                       hidden_dropout=dropout, attention_dropout=0.0, init_seed=11,
-                      checkpoint_activations=recompute, sequence_parallel=sequence_parallel)
+                      checkpoint_activations=recompute, sequence_parallel=sequence_parallel,
+                      compile_layers=compile_layers)
 
 
-def loss_and_grads(groups, sequence_parallel: bool, prediction: str, recompute: bool):
+def loss_and_grads(groups, sequence_parallel: bool, prediction: str, recompute: bool, compile_layers: bool = False):
     model_parallel_seed(3, groups)
-    model = ProteinBertModel(config(sequence_parallel, recompute), groups)
+    model = ProteinBertModel(config(sequence_parallel, recompute, compile_layers=compile_layers), groups)
     tokens, mask, labels, loss_mask = make_batch()
     if prediction == "sparse":
         logits = model(tokens, mask, prediction_mask=loss_mask)
@@ -72,6 +78,9 @@ def _worker():
     for prediction, recompute in CASES:
         for sp in (False, True):
             out[(prediction, recompute, sp)] = loss_and_grads(groups, sp, prediction, recompute)
+    # Compiled layers (--compile-layers) at TP=2, with and without SP: the graphs break at every collective.
+    for sp in (False, True):
+        out[("compiled", sp)] = loss_and_grads(groups, sp, "dense", False, compile_layers=True)
     # Dropout masks of the two slices: the embedding dropout of the sequence-parallel region (p = 0.5).
     model_parallel_seed(3, groups)
     model = ProteinBertModel(config(True, dropout=0.5), groups)
@@ -85,7 +94,8 @@ def _worker():
 def results():
     single = scg._single_process(("tp",), {"tp": 1})
     reference = {case: loss_and_grads(single, False, *case) for case in CASES}
-    return reference, run_distributed(_worker, 2)
+    # aot_eager: the compiled layers' graphs are traced and differentiated without generating C++ (fast).
+    return reference, run_distributed(_worker, 2, env={"MEGATRON_PROTEIN_COMPILE_BACKEND": "aot_eager"})
 
 
 def _slice(full: torch.Tensor, is_parallel: bool, dim: int, rank: int) -> torch.Tensor:
@@ -115,6 +125,19 @@ def test_sequence_parallel_tp2_equals_tp2_and_one_process(results, case):
             torch.testing.assert_close(grad, expected, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name} vs 1 proc: {m}")
             torch.testing.assert_close(grad, plain[name][0], atol=ATOL, rtol=RTOL,
                                        msg=lambda m: f"{name} vs TP=2 without SP: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
+def test_compiled_layers_at_tp2_equal_one_process(results, sp):
+    reference, ranks = results
+    ref_loss, ref_grads = reference[("dense", False)]
+    for out in ranks:
+        loss, grads = out[("compiled", sp)]
+        assert loss == pytest.approx(ref_loss, rel=RTOL, abs=ATOL)
+        for name, (grad, is_parallel, dim, _) in grads.items():
+            torch.testing.assert_close(grad, _slice(ref_grads[name][0], is_parallel, dim, out["tp_rank"]),
+                                       atol=ATOL, rtol=RTOL, msg=lambda m: f"compiled {name}: {m}")
 
 
 @pytest.mark.slow

@@ -26,10 +26,15 @@ eager layer (on CUDA the Triton kernels are the fused path), as does the last la
 query count changes every batch). The first training step pays the compilation; :data:`COMPILE_SECONDS` records
 the time of each first call (forward compilation plus one forward) and ``bench/pretrain.py`` reports compile time
 and the number of steps after which it has paid for itself.
+
+``MEGATRON_PROTEIN_COMPILE_BACKEND`` (default ``inductor``) picks ``torch.compile``'s backend; ``aot_eager`` traces
+and differentiates the same graphs without generating code (seconds instead of a minute per graph), which the
+multi-process tests use to check the graph breaks at the collectives.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable, Optional
 
@@ -123,7 +128,8 @@ def compiled(name: str, fn: Callable) -> Callable:
     """``torch.compile(fn)`` made once per process under ``name``; the first call's wall time is recorded in
     :data:`COMPILE_SECONDS`."""
     if name not in _COMPILED:
-        compiled_fn = torch.compile(fn, dynamic=False)
+        backend = os.environ.get("MEGATRON_PROTEIN_COMPILE_BACKEND", "inductor")   # read when first compiled
+        compiled_fn = torch.compile(fn, dynamic=False, backend=backend)
 
         def timed_first_call(*args, **kwargs):
             started = time.perf_counter()
