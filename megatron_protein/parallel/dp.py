@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_protein.parallel import scg
-from megatron_protein.parallel.fused_params import DEFAULT_BUCKET_NUMEL, Bucket, FusedParameters
+from megatron_protein.parallel.fused_params import DEFAULT_BUCKET_NUMEL, Bucket, FusedParameters, group_flat_grad
 
 
 def all_reduce_buckets(buckets: list[Bucket], group, group_size: int, average: bool = True) -> None:
@@ -281,20 +281,103 @@ class DataParallel:
         self._hooks = []
 
 
-def param_sync(module: nn.Module, groups: Optional[scg.ParallelGroups] = None, axis: str = "dp") -> None:
-    """Broadcast ``module``'s parameters and buffers from the first rank of ``axis`` (no flat buffers needed)."""
+#: Axes that split a model (each rank holds a different shard): parameters are replicated only over the others.
+MODEL_SPLITTING_AXES = ("tp", "pp")
+
+
+def get_world_size(groups: Optional[scg.ParallelGroups] = None) -> int:
+    """Degree of the data-parallel axis (the seeds' ``dp.get_world_size()``)."""
+    return (groups if groups is not None else scg.current()).size("dp")
+
+
+def get_rank_in_group(groups: Optional[scg.ParallelGroups] = None) -> int:
+    """This process's index along the data-parallel axis (the seeds' ``dp.get_rank_in_group()``)."""
+    return (groups if groups is not None else scg.current()).rank_in("dp")
+
+
+def _replica_axis(groups: scg.ParallelGroups) -> str:
+    # With no tp/pp split every rank holds the whole model (the folding model: dp x dap x bp), so the parameters
+    # are replicated over the world; otherwise only over dp.
+    if any(groups.size(a) > 1 for a in MODEL_SPLITTING_AXES):
+        return "dp"
+    return "world"
+
+
+def param_sync(module: nn.Module, groups: Optional[scg.ParallelGroups] = None, axis: Optional[str] = None,
+               src_rank: int = 0) -> None:
+    """Broadcast ``module``'s parameters and buffers from one rank to every rank that holds a replica of them.
+
+    The seeds' ``dp.param_sync(model, src_rank=0)``. ``axis`` (default: every rank when no axis splits the
+    model, i.e. no tp/pp of degree > 1, as for the folding model over dp x dap x bp; else ``'dp'``) is the group
+    to broadcast over and ``src_rank`` the index *within that group* of the source (0: its first rank, which for
+    the whole world is global rank 0). Call once after building the model and before the first step, so every
+    dp, dap and bp rank starts from the same weights even if their generators disagreed.
+    """
     groups = groups if groups is not None else scg.current()
+    axis = axis if axis is not None else _replica_axis(groups)
     group = groups.group(axis)
     if group is None:
         return
-    src = groups.ranks(axis)[0]
+    members = groups.ranks(axis)
+    if not 0 <= src_rank < len(members):
+        raise ValueError(f"param_sync: src_rank {src_rank} is not an index into the {len(members)} ranks of "
+                         f"axis '{axis}'")
+    src = members[src_rank]
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src=src, group=group)
 
 
-def grad_sync(fused: FusedParameters, groups: Optional[scg.ParallelGroups] = None, axis: str = "dp",
+def all_reduce_param_groups(param_groups: list[dict], group, group_size: int, average: bool,
+                            select=lambda param_group: True) -> int:
+    """All-reduce (sum, or mean when ``average``) the gradients of the selected optimizer parameter groups.
+
+    One collective per selected group: a group packed by :func:`fused_params.fuse_param_groups` is reduced on
+    its flat gradient buffer in place; any other group is flattened into a temporary, reduced and copied back
+    (a parameter whose ``.grad`` is None counts as a zero gradient and gets one, so every rank sends the same
+    layout). All collectives are started before any is waited on. Returns the number of collectives issued.
+    ``group=None`` (degree 1) does nothing.
+    """
+    if group is None or group_size == 1:
+        return 0
+    pending = []
+    for param_group in param_groups:
+        if not select(param_group):
+            continue
+        params = [p for p in param_group["params"] if p.requires_grad]
+        if not params:
+            continue
+        flat = group_flat_grad(params)
+        unpack = None
+        if flat is None:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            unpack = grads
+        if average:
+            flat.div_(group_size)
+        pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, unpack))
+    for work, flat, unpack in pending:
+        work.wait()
+        if unpack is not None:
+            for grad, synced in zip(unpack, torch._utils._unflatten_dense_tensors(flat, unpack)):
+                grad.copy_(synced)
+    return len(pending)
+
+
+def grad_sync(fused_or_param_groups, groups: Optional[scg.ParallelGroups] = None, axis: str = "dp",
               average: bool = True) -> None:
-    """Average (or sum) the gradients of ``fused`` over ``axis``: the dp step of the folding model's grad_sync."""
+    """Average (or sum) gradients over ``axis``: the dp step of the folding model's bp -> dap -> dp sync.
+
+    ``fused_or_param_groups`` is a :class:`FusedParameters` (reduced bucket by bucket) or an optimizer's
+    ``param_groups`` (the seeds' ``dp.grad_sync(optimizer.param_groups)``; every group is reduced, one collective
+    per group, see :func:`all_reduce_param_groups`). Averaging is right over dp because each dp rank's gradient is
+    that of its own shard of the batch's mean loss.
+    """
     groups = groups if groups is not None else scg.current()
-    fused.reattach_grads()
-    all_reduce_buckets(fused.buckets, groups.group(axis), groups.size(axis), average=average)
+    if isinstance(fused_or_param_groups, FusedParameters):
+        fused_or_param_groups.reattach_grads()
+        all_reduce_buckets(fused_or_param_groups.buckets, groups.group(axis), groups.size(axis), average=average)
+        return
+    all_reduce_param_groups(list(fused_or_param_groups), groups.group(axis), groups.size(axis), average=average)

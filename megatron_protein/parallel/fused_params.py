@@ -36,6 +36,7 @@ first and the last pipeline stage cut it into the same chunks). Padding never ho
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Iterator, Optional, Union
 
@@ -311,3 +312,69 @@ class FusedParameters:
         parts = ", ".join(f"{buf.dtype}/{buf.key}: {len(buf.params)} params, {buf.data.numel()} elements, "
                           f"{len(buf.buckets)} buckets" for buf in self.buffers)
         return f"FusedParameters({parts})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer parameter groups, one flat buffer each (the folding model's bp / dap / dp syncs).
+# ---------------------------------------------------------------------------------------------------------------
+
+#: id(parameter) -> (weak reference to the parameter, the FlatBuffer holding it). Lets a sync that is handed only
+#: an optimizer's ``param_groups`` (the seeds' ``bp.grad_sync(optimizer.param_groups)``) find the flat gradient
+#: of a group and reduce it with one collective. Weak references: a dropped model does not stay alive here.
+_GROUP_BUFFERS: dict[int, tuple["weakref.ref", FlatBuffer]] = {}
+
+
+def fuse_param_groups(param_groups: list[dict]) -> FusedParameters:
+    """Pack every optimizer parameter group into one flat buffer of its own (HelixFold's tensor fusion).
+
+    ``param_groups`` is a list of dicts with a ``'params'`` list (what ``torch.optim`` takes, or its
+    ``optimizer.param_groups``). Each group becomes one :class:`FlatBuffer` with a single bucket, so a sync of a
+    group is one collective whatever its size. A parameter in two groups, or a group mixing dtypes or devices, is
+    an error naming the group. Returns the :class:`FusedParameters` (its ``zero_grad()`` clears every group).
+    """
+    seen: dict[int, int] = {}
+    named = []
+    for index, group in enumerate(param_groups):
+        params = list(group["params"])
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) > 1:
+            raise ValueError(f"parameter group {index} mixes dtypes/devices {sorted(map(str, kinds))}; one flat "
+                             "buffer per group needs one dtype and device")
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is in parameter groups {seen[id(p)]} and "
+                                 f"{index}; every parameter must be in exactly one group")
+            seen[id(p)] = index
+            named.append((f"group{index}", p))
+    index_of = {id(p): seen[id(p)] for _, p in named}
+    fused = FusedParameters(named, key=lambda name, p: index_of[id(p)], bucket_numel=max(1, sum(
+        p.numel() for _, p in named)))
+    for buf in fused.buffers:
+        for p in buf.params:
+            _GROUP_BUFFERS[id(p)] = (weakref.ref(p), buf)
+    return fused
+
+
+def group_flat_grad(params: list[nn.Parameter]) -> Optional[torch.Tensor]:
+    """The flat gradient buffer that holds exactly ``params`` (packed by :func:`fuse_param_groups`), else None.
+
+    Gradients that something detached from the buffer are put back first (see
+    :meth:`FusedParameters.reattach_grads`), so the returned buffer is current.
+    """
+    if not params:
+        return None
+    entry = _GROUP_BUFFERS.get(id(params[0]))
+    if entry is None or entry[0]() is not params[0]:
+        return None
+    buf = entry[1]
+    if len(buf.params) != len(params) or {id(p) for p in buf.params} != {id(p) for p in params}:
+        return None
+    for i, p in enumerate(buf.params):
+        view = buf.grad_view(i)
+        if not _is_view_of(p.grad, view):
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad)
+            p.grad = view
+    return buf.grad

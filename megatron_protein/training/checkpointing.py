@@ -220,9 +220,10 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
                     save_rng: bool = True) -> str:
     """Write this rank's part of the checkpoint of ``iteration`` into ``save``; return the iteration directory.
 
-    Collective over the world: every rank must call it (only dp rank 0 writes files). Raises
-    :class:`CheckpointError` on every rank, having written nothing, when any rank's weights or optimizer moments
-    are not finite.
+    Collective over the world: every rank must call it (only the first replica of each tp/pp shard writes files:
+    dp rank 0, and rank 0 of any other axis that replicates the weights, such as the folding model's dap and bp).
+    Raises :class:`CheckpointError` on every rank, having written nothing, when any rank's weights or optimizer
+    moments are not finite.
     """
     groups = groups if groups is not None else scg.current()
     final_dir = iteration_dir(save, iteration)
@@ -250,7 +251,7 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
         os.makedirs(tmp_dir)
     _barrier(groups)
 
-    if groups.rank_in("dp") == 0:
+    if all(groups.rank_in(axis) == 0 for axis in groups.axes if axis not in ("tp", "pp")):
         state: dict[str, Any] = {
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,
@@ -275,7 +276,9 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
         os.makedirs(rank_dir, exist_ok=True)
         path = os.path.join(rank_dir, MODEL_FILENAME)
         _save_durably(state, path)
-    if sharded and save_optim:  # every dp rank writes its own shard of the optimizer state
+    if sharded and save_optim and all(groups.rank_in(axis) == 0 for axis in groups.axes
+                                      if axis not in ("tp", "pp", "dp")):
+        # every dp rank (of the first replica over any other axis) writes its own shard of the optimizer state
         rank_dir = os.path.join(tmp_dir, rank_dirname(groups.rank_in("tp"), groups.rank_in("pp"),
                                                       groups.size("pp")))
         os.makedirs(rank_dir, exist_ok=True)
