@@ -326,6 +326,8 @@ def prepare(name: str, cfg: dict, dtype: str) -> dict:
         with autocast:
             loss = loss_fn(tokens, labels)
         loss.backward()
+        if own_dtype is not None:
+            optimizer.ddp.sync_gradients()  # dp = 1: no communication, the main_grad bookkeeping only
         optimizer.step()
         if own_dtype is None:
             optimizer.zero_grad(set_to_none=True)

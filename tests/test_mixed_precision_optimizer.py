@@ -68,7 +68,19 @@ def test_bf16_gradients_accumulate_in_float32_main_grad(groups):
     for name, p in model.named_parameters():
         assert p.grad is None, f"{name}: .grad must be moved into main_grad by the hook"
         torch.testing.assert_close(p.main_grad, expected[name], rtol=1e-6, atol=0, msg=name)
+    # zero_grad defers the zeroing: the next gradient is cast in, a parameter that gets none is zeroed by the
+    # sync's reattach_grads. Here only `up` gets a gradient: nothing of the previous step may leak into any view.
     optimizer.zero_grad()
+    x, _ = data[0]
+    grad_up = torch.autograd.grad(model.up(x.bfloat16()).float().sum(), [model.up.weight])[0].float()
+    model.up(x.bfloat16()).float().sum().backward()
+    ddp.fused.reattach_grads()
+    assert torch.equal(model.up.weight.main_grad, grad_up)
+    for name, p in model.named_parameters():
+        if name != "up.weight" and name != "up.bias":
+            assert float(p.main_grad.abs().max()) == 0, f"{name} kept the previous step's gradient"
+    optimizer.zero_grad()
+    ddp.fused.reattach_grads()
     assert all(float(p.main_grad.abs().max()) == 0 for p in model.parameters())
 
 

@@ -169,6 +169,8 @@ class FusedParameters:
         self.buckets: list[Bucket] = [b for buf in self.buffers for b in reversed(buf.buckets)]
         self._location = {id(p): (buf, i) for buf in self.buffers for i, p in enumerate(buf.params)}
         self._hooks: list = []
+        #: main_grad mode: parameters whose float32 gradient view holds no gradient since zero_grad (deferred).
+        self._unwritten: set[int] = set()
 
     @staticmethod
     def _pack(user_key, dtype, device, members, bucket_numel, pad_buckets_to=1, own_bucket=None) -> FlatBuffer:
@@ -218,14 +220,20 @@ class FusedParameters:
             yield from buf.params
 
     def zero_grad(self) -> None:
-        """Zero every gradient buffer in place (one kernel per buffer) and make sure ``.grad`` are its views
-        (``None`` in ``main_grad`` mode, where the views are ``.main_grad``)."""
+        """Zero every gradient buffer in place (one kernel per buffer) and make sure ``.grad`` are its views.
+
+        In ``main_grad`` mode (``.grad`` is ``None``, the views are ``.main_grad``) the zeroing is deferred: the
+        first gradient a parameter receives afterwards is cast into its float32 view (one pass, instead of zeroing
+        the buffer and then adding), and :meth:`reattach_grads`, which the DP sync runs first, zeroes the views of
+        the parameters that received none. Read ``.main_grad`` after a sync (or a :meth:`reattach_grads`)."""
         for buf in self.buffers:
-            buf.grad.zero_()
             split = buf.split_dtypes
+            if not split:
+                buf.grad.zero_()
             for i, p in enumerate(buf.params):
                 if split:
                     p.grad = None
+                    self._unwritten.add(id(p))
                 elif not _is_view_of(p.grad, buf.grad_view(i)):
                     p.grad = buf.grad_view(i)
 
@@ -267,7 +275,11 @@ class FusedParameters:
         buf, i = self._location[id(param)]
         view = buf.grad_view(i)
         if buf.split_dtypes:
-            view.add_(param.grad)
+            if id(param) in self._unwritten:  # the first gradient since zero_grad: cast it in (no zeroing pass)
+                view.copy_(param.grad)
+                self._unwritten.discard(id(param))
+            else:
+                view.add_(param.grad)
             param.grad = None
         elif param.grad.data_ptr() != view.data_ptr():
             view.copy_(param.grad)
@@ -292,6 +304,9 @@ class FusedParameters:
                     if p.grad is not None:
                         self.absorb_grad(p)
                         repaired += 1
+                    if id(p) in self._unwritten:  # no gradient since zero_grad: the deferred zeroing
+                        buf.grad_view(i).zero_()
+                        self._unwritten.discard(id(p))
                     continue
                 view = buf.grad_view(i)
                 if _is_view_of(p.grad, view):

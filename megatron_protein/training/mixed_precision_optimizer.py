@@ -204,6 +204,7 @@ class MixedPrecisionOptimizer:
     def grad_norm_and_finite(self, loss: Optional[torch.Tensor] = None) -> tuple[float, bool]:
         """(global L2 norm of the gradient, whether the loss and every gradient on every rank are finite); one
         all-reduce over the world. Call after the gradients are reduced (``ddp.sync_gradients()``)."""
+        self.ddp.fused.reattach_grads()  # nothing left to do after a sync; without one, the deferred zeroing
         counted = [c.grad[a:b] for c in self.chunks for a, b in c.norm_ranges]
         other = [c.grad[a:b] for c in self.chunks for a, b in c.other_ranges]
         # Norms of float32 slices (one pass each, no float64 copy of the buffer), squared and summed in float64.
