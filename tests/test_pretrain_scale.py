@@ -5,7 +5,8 @@ A tiny protein BERT (4 layers, hidden 32, 4 heads, seq 32, dropout off, sparse p
 compared with the one-process run of the same configuration:
 
 - 2 processes: PP=2 with 2 model chunks per rank (``--num-layers-per-virtual-pipeline-stage 1``); TP=2; TP=2 with
-  ``--sequence-parallel`` (sparse prediction), and with ``--no-sparse-prediction --recompute-activations``;
+  ``--sequence-parallel`` (sparse prediction), with ``--no-sparse-prediction --recompute-activations``, and with
+  ``--compile-layers``;
 - 4 processes: TP=2 x PP=2 with 2 chunks and sequence parallelism together.
 
 Losses and gradient norms: |diff| <= 1e-6 + 1e-5 |reference| (the layouts sum in other orders); the
@@ -70,9 +71,13 @@ def test_interleaved_and_sequence_parallel_follow_one_process(data_prefix, refer
            argv(data_prefix, pp=2, extra=INTERLEAVED + ["--save", save, "--load", save]),
            argv(data_prefix, tp=2),
            argv(data_prefix, tp=2, extra=SP),
-           argv(data_prefix, tp=2, extra=SP + ["--no-sparse-prediction", "--recompute-activations"])]
-    per_rank = run_distributed(train_runs, 2, two, timeout=400)
-    full, first, resumed, tp2, tp2_sp, tp2_sp_dense = ([runs[i] for runs in per_rank] for i in range(len(two)))
+           argv(data_prefix, tp=2, extra=SP + ["--no-sparse-prediction", "--recompute-activations"]),
+           argv(data_prefix, tp=2, extra=SP + ["--compile-layers"])]
+    # The compiled layers are traced with aot_eager here (no C++ generated: tests/test_compiled_layers.py covers
+    # inductor's numerics).
+    per_rank = run_distributed(train_runs, 2, two, timeout=400, env={"MEGATRON_PROTEIN_COMPILE_BACKEND": "aot_eager"})
+    full, first, resumed, tp2, tp2_sp, tp2_sp_dense, tp2_sp_compiled = (
+        [runs[i] for runs in per_rank] for i in range(len(two)))
     assert_close_curve(full, references["sparse"], "PP=2 interleaved (2 chunks)")
     for f, a, b in zip(full, first, resumed):   # resumed from model0/model1 checkpoints: exactly the same bits
         assert len(a["losses"]) == 3 and len(b["losses"]) == 2
@@ -83,6 +88,7 @@ def test_interleaved_and_sequence_parallel_follow_one_process(data_prefix, refer
     for with_sp, without in zip(tp2_sp, tp2):
         assert_close_curve([with_sp], without, "TP=2 sequence parallel against TP=2 on the same rank")
     assert_close_curve(tp2_sp_dense, references["dense"], "TP=2 sequence parallel, dense, recompute")
+    assert_close_curve(tp2_sp_compiled, references["sparse"], "TP=2 sequence parallel, --compile-layers")
 
     # The interleaved checkpoint: Megatron's model0/model1 entries, merged by the converter into the weights of
     # the one-process checkpoint of the same iteration.

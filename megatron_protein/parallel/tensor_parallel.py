@@ -23,7 +23,9 @@ slice ``[..., s/tp, in]`` and all-gathers it along the sequence (dim -2) instead
 (backward: reduce-scatter of the input gradient instead of an all-reduce), and a :class:`RowParallelLinear`
 reduce-scatters its partial sums along the sequence instead of all-reducing them (backward: all-gather). The same
 bytes travel (an all-reduce is a reduce-scatter plus an all-gather), and LayerNorm, dropout and residual
-activations take 1/tp of the memory. Parameters that act on the slices (LayerNorm weights and biases, the
+activations take 1/tp of the memory. The column-parallel product keeps only the slice of its input for backward and
+all-gathers it again there (:func:`all_gather_linear`, Megatron-LM's ``linear_with_grad_accumulation_and_async_
+allreduce`` with ``sequence_parallel``), so the gathered ``[b, s, h]`` input is never stored either. Parameters that act on the slices (LayerNorm weights and biases, the
 row-parallel biases) see only their slice's part of the gradient; they carry ``sequence_parallel = True`` and
 :func:`all_reduce_sequence_parallel_gradients` sums their gradients over tp after the backward passes.
 
@@ -43,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import scg
-from .collectives import (all_gather, copy_to_group, gather_from_group, group_size, reduce_from_group_,
-                          reduce_scatter_to_group, scatter_to_group)
+from .collectives import (_all_gather, _reduce_scatter, all_gather, copy_to_group, gather_from_group, group_size,
+                          reduce_from_group_, reduce_scatter_to_group, scatter_to_group)
 from .random import (MODEL_PARALLEL_RNG, ParallelSeeds, RNGStatesTracker, get_rng_tracker,  # noqa: F401
                      model_parallel_seed)
 from .scg import ParallelConfigError
@@ -161,6 +163,48 @@ def all_reduce_sequence_parallel_gradients(params, groups: Optional[scg.Parallel
         offset += g.numel()
 
 
+class _AllGatherLinear(torch.autograd.Function):
+    """``y = all_gather(x, dim) @ W^T + b`` that saves the slice ``x``, not the gathered input: backward gathers it
+    again for the weight gradient and reduce-scatters the input gradient. Under autocast the product runs in the
+    autocast dtype, as ``F.linear`` would, and the gradients come back in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dim, group):
+        device = x.device.type
+        dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            out = F.linear(_all_gather(x, dim, group), weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.dim, ctx.group, ctx.dtypes, ctx.has_bias = dim, group, dtypes, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        full = _all_gather(x, ctx.dim, ctx.group)   # the gathered input again (never stored)
+        grad_input = _reduce_scatter(grad.matmul(weight), ctx.dim, ctx.group, "all_gather_linear (backward)")
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_2d.t().matmul(full.reshape(-1, full.shape[-1]))
+        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (grad_input.to(x_dtype), grad_weight.to(w_dtype),
+                None if grad_bias is None else grad_bias.to(b_dtype), None, None)
+
+
+def all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], group,
+                      dim: int = -2) -> torch.Tensor:
+    """``F.linear(all_gather(x, dim), weight, bias)`` keeping only ``x`` (this rank's slice of the sequence) for
+    backward; the input of sequence-parallel column-parallel layers (the plain composition at tp = 1)."""
+    if group is None or group_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _AllGatherLinear.apply(x, weight, bias, dim % x.dim(), group)
+
+
 def _groups(groups: Optional[scg.ParallelGroups]) -> scg.ParallelGroups:
     return groups if groups is not None else scg.current()
 
@@ -251,11 +295,12 @@ class ColumnParallelLinear(_TensorParallelModule):
     def forward(self, x: torch.Tensor):
         _check_last_dim(x, self.in_features, "ColumnParallelLinear", "in_features")
         group = self.groups.group("tp")
+        bias = None if self.skip_bias_add else self.bias
         if self.sequence_parallel:
-            x = all_gather(x, -2, group)  # [..., s/p, in] -> [..., s, in]; backward reduce-scatters dx
+            # [..., s/p, in] gathered to [..., s, in] for the product; only the slice is kept for backward.
+            y = all_gather_linear(x, self.weight, bias, group)
         else:
-            x = copy_to_group(x, group)
-        y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+            y = F.linear(copy_to_group(x, group), self.weight, bias)
         if self.gather_output:
             y = gather_from_group(y, -1, group)  # [..., out/p] -> [..., out]
         if not self.skip_bias_add:
@@ -371,8 +416,10 @@ def vocab_parallel_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor, 
     (for inference).
     """
     group = _groups(groups).group("tp")
-    hidden = all_gather(hidden, -2, group) if sequence_parallel else copy_to_group(hidden, group)
-    logits = F.linear(hidden, embedding_weight, bias)
+    if sequence_parallel:
+        logits = all_gather_linear(hidden, embedding_weight, bias, group)
+    else:
+        logits = F.linear(copy_to_group(hidden, group), embedding_weight, bias)
     return gather_from_group(logits, -1, group) if gather_output else logits
 
 

@@ -526,10 +526,15 @@ class Pretrainer:
     def _train_loop(self, result: TrainResult, log: TrainingLogger, loader, exit_signal: "ExitSignal") -> None:
         train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
         saved_at = None
+        step_seconds = []   # of this run's first two steps (--compile-layers: the first one compiles)
         while self.iteration < train.train_iters:
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
             lr = self.scheduler.lr
+            started = time.monotonic()
             loss, norm, skipped, masked_loss = self.train_step(micro_batches)
+            if self.config.model.compile_layers and len(step_seconds) < 2:
+                step_seconds.append(time.monotonic() - started)
+                self._log_compile_time(log, step_seconds, self.iteration + 1 == train.train_iters)
             self.iteration += 1
             self.consumed_train_samples += train.global_batch_size
             result.losses.append(loss)
@@ -561,6 +566,20 @@ class Pretrainer:
                          "" if ckpt.save else "; no --save, so nothing was saved")
                 break
         result.saved_at = saved_at
+
+    @staticmethod
+    def _log_compile_time(log: TrainingLogger, step_seconds: list[float], last: bool) -> None:
+        """--compile-layers: the first step compiles the layer chain; say what that cost once a second step shows
+        the compiled speed (or after the only step)."""
+        from megatron_protein.kernels import compiled
+        if len(step_seconds) == 2 or last:
+            first = step_seconds[0]
+            later = f"; the next step took {step_seconds[1]:.1f} s, so compiling cost about " \
+                    f"{first - step_seconds[1]:.0f} s" if len(step_seconds) == 2 else ""
+            forward = compiled.COMPILE_SECONDS.get("bert_layer")
+            log.info("--compile-layers: the first step took %.1f s%s (the first call of the compiled layer forward, "
+                     "compilation included: %s)", first, later,
+                     f"{forward:.1f} s" if forward is not None else "not reached: no compiled layer on this rank")
 
     def _finish(self, result: TrainResult, log: TrainingLogger) -> TrainResult:
         train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
