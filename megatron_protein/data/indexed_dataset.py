@@ -27,6 +27,7 @@ partial ``.bin``/``.idx`` under the final name.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import tempfile
@@ -189,9 +190,18 @@ class MMapIndexedDatasetBuilder:
             self._tmp_paths.append(path)
             return os.fdopen(fd, "wb")
 
-        self._bin = tmp(".bin")
-        self._sizes = tmp(".sizes")
-        self._docs = tmp(".docs")
+        opened = []
+        try:
+            for suffix in (".bin", ".sizes", ".docs"):
+                opened.append(tmp(suffix))
+        except BaseException:  # a signal or a full disk between two files: leave none behind
+            for f in opened:
+                f.close()
+            for path in self._tmp_paths:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        self._bin, self._sizes, self._docs = opened
         self._idx_tmp_path = None
         self._count = 0
         self._doc_count = 1

@@ -338,8 +338,15 @@ def preprocess(inputs: list[str], output_prefix: str, input_format: str | None =
     with OutputLock(output_prefix, "--output-prefix"), errors.terminate_on_signals():
         fs.remove_stale_temp_files(out_dir, stale_temp_patterns(output_prefix))
         formats = check_inputs(inputs, input_format)
-        return _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences, seed,
-                           workers, tokenizer_type, tokenizer_model, min_length, max_length, batch_size, progress)
+        try:
+            return _preprocess(inputs, formats, output_prefix, split_by_family, split_random, holdout_sequences,
+                               seed, workers, tokenizer_type, tokenizer_model, min_length, max_length, batch_size,
+                               progress)
+        except BaseException:
+            # A signal can land between two mkstemp calls, before a builder is known to anyone who could abort
+            # it; we hold the prefix's lock, so every file matching our temporary names is ours to remove.
+            fs.remove_stale_temp_files(out_dir, stale_temp_patterns(output_prefix), why=None)
+            raise
 
 
 def _check_outputs(inputs: list[str], per_input: dict, names: list[str], progress: "Progress",
@@ -378,7 +385,14 @@ def _preprocess(inputs, formats, output_prefix, split_by_family, split_random, h
     names = _output_names(output_prefix, options)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    builders = [MMapIndexedDatasetBuilder(name, dtype=dtype) for name in names]
+    builders: list[MMapIndexedDatasetBuilder] = []
+    try:
+        for name in names:
+            builders.append(MMapIndexedDatasetBuilder(name, dtype=dtype))
+    except BaseException:
+        for builder in builders:
+            builder.abort()
+        raise
     converter = _Converter(builders, options)
     bar = None
     if progress:

@@ -110,7 +110,8 @@ def exchange(a: str, b: str) -> bool:
     return True
 
 
-def remove_stale_temp_files(directory: str, patterns: Iterable[str]) -> list[str]:
+def remove_stale_temp_files(directory: str, patterns: Iterable[str],
+                            why: str | None = "left by an earlier run that was killed") -> list[str]:
     """Remove the files of ``directory`` whose names fully match one of the regular expressions ``patterns``;
     return their paths. Only call it while holding the output's lock: then no live job owns such files."""
     compiled = [re.compile(p) for p in patterns]
@@ -132,7 +133,7 @@ def remove_stale_temp_files(directory: str, patterns: Iterable[str]) -> list[str
                 removed.append(path)
             except FileNotFoundError:
                 pass
-    if removed:
-        logger.warning("removed %d temporary file(s) left by an earlier run that was killed: %s", len(removed),
+    if removed and why:
+        logger.warning("removed %d temporary file(s) %s: %s", len(removed), why,
                        ", ".join(os.path.basename(p) for p in removed[:6]) + (" ..." if len(removed) > 6 else ""))
     return removed
