@@ -1,6 +1,7 @@
 """Run a multi-process benchmark under torchrun or, without it, in local spawned processes (gloo on CPU).
 
-``run_and_print(bench, args, world_size)`` calls ``bench(args)`` on every rank and prints rank 0's result as JSON.
+``run_and_print(bench, args, world_size)`` calls ``bench(args)`` on every rank and prints rank 0's result as JSON;
+``run_spawned(bench, args, world_size)`` returns it instead (for a benchmark made of several launches).
 """
 from __future__ import annotations
 
@@ -31,10 +32,15 @@ def run_and_print(bench, args, world_size: int) -> None:
             print(json.dumps(result))
         scg.destroy_process_group()
         return
+    print(json.dumps(run_spawned(bench, args, world_size)))
+
+
+def run_spawned(bench, args, world_size: int):
+    """Run ``bench(args)`` in ``world_size`` local spawned processes (gloo); return rank 0's result."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_spawned, args=(world_size, port, bench, args, queue), nprocs=world_size,
                        start_method="spawn")
-    print(json.dumps(queue.get()))
+    return queue.get()

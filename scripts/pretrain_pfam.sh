@@ -24,7 +24,7 @@
 #   DATA_WAIT_SECONDS=3600                          nodes other than 0 wait this long for node 0's preprocessing
 # Examples:
 #   bash scripts/pretrain_pfam.sh                                         # the default CPU run
-#   MODEL=small TRAIN_ITERS=5000 bash scripts/pretrain_pfam.sh --bf16     # longer, bf16 autocast
+#   MODEL=small TRAIN_ITERS=5000 bash scripts/pretrain_pfam.sh --bf16     # longer, bf16 (fp32 main weights)
 #   INPUT=/data/Pfam-A.fasta MODEL=base TP=4 PP=2 NPROC_PER_NODE=8 NNODES=4 NODE_RANK=$RANK \
 #     MASTER_ADDR=node0 bash scripts/pretrain_pfam.sh --bf16               # 32 GPUs: tp 4 x pp 2 x dp 4, NCCL
 # See scripts/pretrain_single_gpu.sh, scripts/pretrain_multinode.sh and docs/pretraining.md.

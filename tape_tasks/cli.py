@@ -65,6 +65,9 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
+    parser.add_argument("--compile_layers", action="store_true",
+                        help="CPU: run the transformer layers of training steps through one torch.compile'd "
+                             "forward (the first step compiles it; docs/kernels.md)")
     parser.add_argument("--save_freq", type=_int_or_str, default=1, help="save every N epochs, or 'improvement'")
     parser.add_argument("--eval_freq", type=int, default=1, help="validation pass every N epochs (<= 0: never)")
     parser.add_argument("--patience", type=int, default=-1, help="stop after N epochs without improvement")

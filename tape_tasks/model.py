@@ -449,3 +449,16 @@ def onehot_config(**overrides) -> ProteinBertConfig:
 
 #: Backbones by the MODEL name of ``tape_train.py MODEL TASK`` (and ``config.json``'s model_type).
 BACKBONES = {"transformer": ProteinBertModel, "onehot": OneHotModel}
+
+
+def compile_transformer_layers(model: nn.Module) -> int:
+    """Put every :class:`ProteinBertLayer` of ``model`` through one shared ``torch.compile`` of its forward for
+    training steps (:func:`megatron_protein.kernels.compiled.compile_modules`); return how many. The function is the
+    eager layer's (same outputs and gradients to rounding); attention and hidden dropout then draw from inductor's
+    generator (other masks, the same distribution). A model without transformer layers (the one-hot baseline): a
+    no-op returning 0."""
+    from megatron_protein.kernels.compiled import compile_modules
+    layers = [m for m in model.modules() if isinstance(m, ProteinBertLayer)]
+    compile_modules(layers, "tape_layer")
+    return len(layers)
+

@@ -52,7 +52,7 @@ from . import metrics as tape_metrics
 from .config import ModelFileError, ProteinBertConfig
 from .datasets import DataFileError, make_loader, pad_stack
 from .heads import ProteinModelForTask
-from .model import BACKBONES, ProteinBertForMaskedLM, ProteinModel, onehot_config
+from .model import BACKBONES, ProteinBertForMaskedLM, ProteinModel, compile_transformer_layers, onehot_config
 from .registry import TaskSpec, get_task
 from .tokenizer import TAPETokenizer
 
@@ -99,6 +99,8 @@ class TrainConfig:
     trust_checkpoint: bool = False
     distributed_timeout_minutes: float = 10.0
     max_consecutive_skipped_steps: int = 10
+    #: Run the transformer layers of training steps through one torch.compile'd forward (CPU; docs/kernels.md).
+    compile_layers: bool = False
 
     def __post_init__(self):
         if not self.distributed_timeout_minutes > 0:
@@ -332,6 +334,11 @@ def _train_holding_lock(config: TrainConfig, groups: scg.ParallelGroups, task: T
     num_labels = task.resolve_num_labels(config.data_dir)
     model = build_model(config.model_type, task, config.from_pretrained, config.model_config_file, num_labels,
                         config.pooling, config.dropout)
+    if config.compile_layers:
+        layers = compile_transformer_layers(model)
+        if is_main:
+            logger.info("--compile_layers: %d transformer layers share one torch.compile'd forward; the first "
+                        "training step compiles it", layers)
     if config.force_save:
         if is_main:
             model.save_pretrained(config.force_save)

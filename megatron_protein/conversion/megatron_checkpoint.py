@@ -7,7 +7,11 @@ A Megatron save directory looks like::
     SAVE/iter_0000100/mp_rank_01_001/model_optim_rng.pt   pp > 1: mp_rank_{tp:02d}_{pp:03d}
 
 Each file holds ``args`` (an ``argparse.Namespace`` with Megatron's argument names), ``checkpoint_version``,
-``iteration`` and ``model``: the state dict of one (tp, pp) partition. :func:`load_checkpoint` accepts the save
+``iteration`` and ``model``: the state dict of one (tp, pp) partition. A checkpoint of the interleaved pipeline
+schedule (``--num-layers-per-virtual-pipeline-stage``, ``args.virtual_pipeline_model_parallel_size`` = v) holds
+``model0`` ... ``model{v-1}`` instead, chunk c of pipeline rank p being virtual stage ``c * pp + p``; the reader
+turns them into ``pp * v`` stage partitions in virtual-stage order (``MegatronCheckpoint.partitions[(tp,
+virtual stage)]``), which merge like the stages of a plain pipeline. :func:`load_checkpoint` accepts the save
 directory, an ``iter_*`` directory, an ``mp_rank_*`` directory or one ``model_optim_rng.pt`` (whose sibling shards
 are picked up when the file's args say the model was split), checks that every partition is present, and
 returns the partitions with canonical key names. :func:`merge_partitions` then builds the full, unsplit state dict
@@ -273,6 +277,13 @@ class MegatronCheckpoint:
     paths: dict[tuple[int, int], str]
     #: Everything but 'model' of each partition (lr_scheduler, rng states, ...); 'optimizer' only if asked.
     extras: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    #: Model chunks per pipeline rank (interleaved schedule); partitions are then keyed (tp, c * pp + p).
+    num_chunks: int = 1
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages of the partitions (virtual stages under the interleaved schedule)."""
+        return self.pp_size * self.num_chunks
 
     def arg(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default) if self.args is not None else default
@@ -286,9 +297,26 @@ def _parallel_sizes(state: dict, path: str) -> tuple[int, int]:
     if tp is None:
         tp = getattr(args, "model_parallel_size", 1)  # checkpoint_version < 3
     pp = getattr(args, "pipeline_model_parallel_size", 1)
-    if getattr(args, "virtual_pipeline_model_parallel_size", None):
-        raise CheckpointError(f"{path}: interleaved (virtual) pipeline checkpoints are not supported")
     return int(tp or 1), int(pp or 1)
+
+
+def _model_chunks(state: dict, path: str) -> int:
+    """How many model chunks (``model0``, ``model1``, ...) a partition file holds: 1 for a plain ``model``."""
+    args = state.get("args")
+    declared = getattr(args, "virtual_pipeline_model_parallel_size", None) if args is not None else None
+    found = sorted(int(k[5:]) for k in state if k.startswith("model") and k[5:].isdigit())
+    if not found:
+        if declared not in (None, 1):
+            raise CheckpointError(f"{path}: its args say virtual_pipeline_model_parallel_size={declared} but it "
+                                  f"holds no model0, model1, ... entries")
+        return 1
+    if "model" in state:
+        raise CheckpointError(f"{path}: holds both 'model' and model chunks {['model%d' % c for c in found]}")
+    if found != list(range(len(found))) or (declared is not None and int(declared) != len(found)):
+        raise CheckpointError(f"{path}: model chunks {['model%d' % c for c in found]} do not match "
+                              f"virtual_pipeline_model_parallel_size={declared} (expected model0 .. "
+                              f"model{(declared or len(found)) - 1})")
+    return len(found)
 
 
 def load_checkpoint(src: str, keep_optimizer: bool = False, trust: bool = False) -> MegatronCheckpoint:
@@ -335,7 +363,10 @@ def load_checkpoint(src: str, keep_optimizer: bool = False, trust: bool = False)
                 f"{iteration_dir}: unexpected partition(s) {', '.join(extra)} for tensor_model_parallel_size="
                 f"{tp_size} x pipeline_model_parallel_size={pp_size} (read from {first_path}); the directory mixes "
                 f"two layouts")
-    paths = {key: location.shards[key] for key in sorted(expected)}
+    files = {key: location.shards[key] for key in sorted(expected)}
+    num_chunks = _model_chunks(first, first_path)
+    # One partition per (tp rank, virtual stage); without chunks the virtual stage is the pipeline rank.
+    paths = {(t, c * pp_size + p): path for (t, p), path in files.items() for c in range(num_chunks)}
     version = float(first.get("checkpoint_version", 0))
     args = first.get("args")
     iteration = first.get("iteration", first.get("total_iters"))
@@ -343,38 +374,46 @@ def load_checkpoint(src: str, keep_optimizer: bool = False, trust: bool = False)
     partitions: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     extras: dict[tuple[int, int], dict[str, Any]] = {}
     started, done_bytes = time.monotonic(), 0
-    total_bytes = sum(os.path.getsize(p) for p in paths.values())
-    for number, (key, path) in enumerate(paths.items(), start=1):
-        state = first if key == first_key else load_shard_file(path, trust=trust)
-        if "model" not in state:
-            raise CheckpointError(f"{path}: no 'model' entry (keys: {sorted(state)[:8]})")
-        if key != first_key and _parallel_sizes(state, path) != (tp_size, pp_size):
+    total_bytes = sum(os.path.getsize(p) for p in files.values())
+    for number, ((t, p), path) in enumerate(files.items(), start=1):
+        state = first if (t, p) == first_key else load_shard_file(path, trust=trust)
+        if (t, p) != first_key and _parallel_sizes(state, path) != (tp_size, pp_size):
             raise CheckpointError(f"{path}: its args say tp x pp = {_parallel_sizes(state, path)}, but "
                                   f"{first_path} says {(tp_size, pp_size)}")
-        model = canonical_model_state(state.pop("model"), path)
-        if version < 2.0:
-            heads = getattr(args, "num_attention_heads", None)
-            if heads is None:
-                raise CheckpointError(f"{path}: checkpoint_version {version} needs num_attention_heads from the "
-                                      f"args to reorder the fused QKV rows, and the args are missing")
-            for name in list(model):
-                if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
-                    model[name] = fix_qkv_ordering(model[name], version, heads // tp_size)
-        partitions[key] = model
+        if num_chunks == 1 and "model" not in state:
+            raise CheckpointError(f"{path}: no 'model' entry (keys: {sorted(state)[:8]})")
+        if _model_chunks(state, path) != num_chunks:
+            raise CheckpointError(f"{path}: holds {_model_chunks(state, path)} model chunk(s), {first_path} "
+                                  f"{num_chunks}")
+        names = ["model"] if num_chunks == 1 else [f"model{c}" for c in range(num_chunks)]
+        for c, name in enumerate(names):
+            model = canonical_model_state(state.pop(name), f"{path} ({name})" if num_chunks > 1 else path)
+            if version < 2.0:
+                heads = getattr(args, "num_attention_heads", None)
+                if heads is None:
+                    raise CheckpointError(f"{path}: checkpoint_version {version} needs num_attention_heads from "
+                                          f"the args to reorder the fused QKV rows, and the args are missing")
+                for key in list(model):
+                    if key.endswith("query_key_value.weight") or key.endswith("query_key_value.bias"):
+                        model[key] = fix_qkv_ordering(model[key], version, heads // tp_size)
+            partitions[(t, c * pp_size + p)] = model
         if not keep_optimizer:
             state.pop("optimizer", None)
-        extras[key] = state
+        for c in range(num_chunks):
+            extras[(t, c * pp_size + p)] = state
         del state
         done_bytes += os.path.getsize(path)
         elapsed = time.monotonic() - started
         rate = done_bytes / max(elapsed, 1e-9)
-        logger.info("partition %d/%d %s: %d tensors, %.1f MB/s, ETA %.0f s", number, len(paths),
-                    os.path.basename(os.path.dirname(path)), len(partitions[key]), rate / 1e6,
+        logger.info("partition %d/%d %s: %d model chunk(s), %.1f MB/s, ETA %.0f s", number, len(files),
+                    os.path.basename(os.path.dirname(path)), num_chunks, rate / 1e6,
                     (total_bytes - done_bytes) / max(rate, 1e-9))
-    logger.info("loaded %d partition(s) (tp=%d, pp=%d, iteration %s, checkpoint_version %s) from %s",
-                len(partitions), tp_size, pp_size, iteration, version, iteration_dir)
+    logger.info("loaded %d partition file(s) (tp=%d, pp=%d%s, iteration %s, checkpoint_version %s) from %s",
+                len(files), tp_size, pp_size, f", {num_chunks} model chunks each" if num_chunks > 1 else "",
+                iteration, version, iteration_dir)
     return MegatronCheckpoint(source=iteration_dir, args=args, iteration=iteration, checkpoint_version=version,
-                              tp_size=tp_size, pp_size=pp_size, partitions=partitions, paths=paths, extras=extras)
+                              tp_size=tp_size, pp_size=pp_size, partitions=partitions, paths=paths, extras=extras,
+                              num_chunks=num_chunks)
 
 
 def _name_to_ranks(name: str) -> tuple[int, int]:
@@ -445,7 +484,7 @@ def merge_partitions(checkpoint: MegatronCheckpoint, replicated_tolerance: float
     embedding) must agree within ``replicated_tolerance``, unless ``allow_replicated_mismatch`` (then the first
     copy is taken with a warning); :class:`CheckpointError` names the file and the tensor otherwise.
     """
-    full = merge_partition_dicts(checkpoint.partitions, checkpoint.tp_size, checkpoint.pp_size, checkpoint.paths,
+    full = merge_partition_dicts(checkpoint.partitions, checkpoint.tp_size, checkpoint.num_stages, checkpoint.paths,
                                  replicated_tolerance, provenance=provenance,
                                  allow_replicated_mismatch=allow_replicated_mismatch)
     expected_layers = checkpoint.arg("num_layers")

@@ -16,7 +16,10 @@ With the project's defaults (30 tokens, divisible by 8) TP 1, 2 and 4 all pad to
 What is carried: model (written in Megatron-LM's nested layout, whatever the source's), args (with the new degrees and padded vocabulary, and the consumed-samples data
 position), iteration, ``lr_scheduler``, the loss scaler, and the optimizer state when it is a per-parameter
 ``torch.optim`` state dict (this project's AdamW: ``exp_avg``/``exp_avg_sq`` have their parameter's shape and are
-merged and split exactly like it, so a resumed run continues as the original would have). What is not: per-rank
+merged and split exactly like it, so a resumed run continues as the original would have) or the state of the
+mixed-precision / distributed optimizer of bf16, fp16 and ``--use-distributed-optimizer`` runs (pieces of each
+named parameter, in per-dp-rank ``distrib_optim_dp_rank_*.pt`` files with the distributed optimizer), which is
+joined into that per-parameter form first (and written in it: the trainer converts it back by name). What is not: per-rank
 RNG states (resume with ``--no-load-rng``; with dropout on, the masks of the resumed run differ from the original's)
 and an optimizer state of another form (e.g. Megatron-LM's fp16 optimizer with fp32 master copies), which is
 dropped with a warning (resume with ``--no-load-optim``). The new files record this in ``'resharded_from'``.
@@ -142,15 +145,40 @@ def optimizer_index_keys(model: dict[str, torch.Tensor], optimizer_state: dict) 
     return index_keys
 
 
+def _as_torch_state(inner, checkpoint: mc.MegatronCheckpoint, key: tuple[int, int], trust: bool = False):
+    """A mixed-precision or distributed optimizer's state (bf16/fp16 runs, ``--use-distributed-optimizer``: pieces
+    of each named parameter, possibly in per-dp-rank shard files beside the partition) as the per-parameter torch
+    AdamW state the resharding below moves; anything else unchanged."""
+    from megatron_protein.training import mixed_precision_optimizer as mpo
+
+    if not isinstance(inner, dict) or inner.get("format") != mpo.STATE_FORMAT:
+        return inner
+    directory = os.path.dirname(checkpoint.paths[key])
+    states = [inner] if not inner.get("shard_files") else [
+        mc.load_shard_file(os.path.join(directory, os.path.basename(name)), trust=trust)
+        for name in inner["shard_files"]]
+    model = checkpoint.partitions[key]
+    try:
+        return mpo.torch_adamw_state_by_order(states, model, mc.canonical_order(model), _is_no_decay)
+    except (mpo.OptimizerStateError, KeyError) as exc:
+        logger.warning("%s: the mixed-precision optimizer state cannot be read (%s)", checkpoint.paths[key], exc)
+        return None
+
+
 def reshard_optimizer(checkpoint: mc.MegatronCheckpoint, new_models: dict[tuple[int, int], dict[str, torch.Tensor]],
                       tp: int, pp: int, new_padded: int,
-                      allow_mismatch: bool = False) -> Optional[dict[tuple[int, int], dict]]:
+                      allow_mismatch: bool = False, trust: bool = False) -> Optional[dict[tuple[int, int], dict]]:
     """The optimizer state of every new partition, or None (with a warning) when it cannot be carried."""
+    if checkpoint.num_chunks > 1:
+        logger.warning("%s: the optimizer state of an interleaved checkpoint (%d model chunks per rank) is not "
+                       "carried (resume with --no-load-optim)", checkpoint.source, checkpoint.num_chunks)
+        return None
     wrapped = [checkpoint.extras[key].get("optimizer") for key in sorted(checkpoint.partitions)]
     if any(w is None for w in wrapped):
         return None
     # The pretraining nests the torch state dict as {'optimizer': ..., 'grad_scaler': ...}.
     inner = [w.get("optimizer", w) if isinstance(w, dict) else None for w in wrapped]
+    inner = [_as_torch_state(state, checkpoint, key, trust) for state, key in zip(inner, sorted(checkpoint.partitions))]
     mappings = {}
     for key, state in zip(sorted(checkpoint.partitions), inner):
         mapping = optimizer_index_keys(checkpoint.partitions[key], state) if state is not None else None
@@ -246,7 +274,7 @@ def _reshard(src, out, tp, pp, vocab_size, vocab, trust, allow_replicated_mismat
         logger.info("vocabulary padding %d -> %d rows for tp=%d", old_padded, new_padded, tp)
         full = repad_vocab(full, new_padded)
     partitions = split_full_state(full, tp, pp)
-    optimizers = reshard_optimizer(checkpoint, partitions, tp, pp, new_padded, allow_replicated_mismatch)
+    optimizers = reshard_optimizer(checkpoint, partitions, tp, pp, new_padded, allow_replicated_mismatch, trust)
 
     args.tensor_model_parallel_size = tp
     args.pipeline_model_parallel_size = pp

@@ -79,6 +79,9 @@ class _WrittenOutAttention(torch.autograd.Function):
     dP = where(keep, dC v^T, 0) / (1 - p), dS = P * (dP - rowsum(dP * P)) (ATen's softmax backward),
     dq = scale dS k, dk = dS^T (scale q), dv = (where(keep, P, 0) / (1 - p))^T dC. Memory: the [b, h, sq, sk]
     probabilities in the input dtype (and the bool mask), what the unfused path keeps too; SDPA keeps less.
+    The probabilities, and q (scaled), k and v, are kept as one contiguous tensor per chunk of heads: a chunk of a
+    [b, h, ...] tensor is not contiguous (it strides over b), so every batched matmul, softmax or softmax backward
+    that reads or writes one would copy it first (the probabilities four times per chunk, q, k and v twice).
     Autocast is off inside; k and v are brought to q's dtype. q, k, v (and keep) arrive with one shared
     [b, h] (:func:`attention_written_out` expands broadcast ones outside, where autograd sums their gradients).
     """
@@ -87,56 +90,64 @@ class _WrittenOutAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, keep, scale: float, keep_scale: float):
         with torch.autocast(device_type=q.device.type, enabled=False):
             k, v = k.to(q.dtype), v.to(q.dtype)
-            q_scaled = q * scale
             b, h, sq, sk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
-            probs = q.new_empty(b, h, sq, sk)
-            context = q.new_empty(b, h, sq, q.shape[-1])
             per_chunk = _heads_per_chunk(q, k)
-            for first in range(0, h, per_chunk):
-                heads = slice(first, first + per_chunk)
-                scores = torch.matmul(q_scaled[:, heads], k[:, heads].transpose(-1, -2))
+            chunks = [slice(first, first + per_chunk) for first in range(0, h, per_chunk)]
+            # One contiguous [b, chunk, ...] tensor per chunk of heads (class docstring); q's is written by the scale.
+            qs = [q[:, heads] * scale for heads in chunks]
+            ks = [k[:, heads].contiguous() for heads in chunks]
+            vs = [v[:, heads].contiguous() for heads in chunks]
+            probs = []
+            context = q.new_empty(b, h, sq, q.shape[-1])
+            fully_masked = None
+            if mask is not None:
+                fully_masked = mask.all(dim=-1, keepdim=True)
+                if not bool(fully_masked.any()):
+                    fully_masked = None
+            for index, heads in enumerate(chunks):
+                scores = torch.matmul(qs[index], ks[index].transpose(-1, -2))
                 chunk_mask = _heads(mask, heads)
                 if chunk_mask is not None:
                     scores.masked_fill_(chunk_mask, float("-inf"))
-                chunk_probs = probs[:, heads]
-                torch.softmax(scores, dim=-1, out=chunk_probs)
+                chunk_probs = torch.softmax(scores, dim=-1)
                 del scores
+                if fully_masked is not None:  # softmax of an all -inf row is NaN; the contract is a zero context
+                    chunk_probs.masked_fill_(_heads(fully_masked, heads), 0.0)
+                probs.append(chunk_probs)
                 dropped = chunk_probs if keep is None else torch.where(keep[:, heads], chunk_probs, 0.0)
-                torch.matmul(dropped, v[:, heads], out=context[:, heads])
-            if mask is not None:
-                fully_masked = mask.all(dim=-1, keepdim=True)
-                if bool(fully_masked.any()):  # softmax of an all -inf row is NaN; the contract is a zero context
-                    probs.masked_fill_(fully_masked, 0.0)
-                    context.masked_fill_(fully_masked, 0.0)
+                torch.matmul(dropped, vs[index], out=context[:, heads])
             if keep_scale != 1.0:
                 context.mul_(keep_scale)
-        ctx.scale, ctx.keep_scale, ctx.per_chunk = scale, keep_scale, per_chunk
-        ctx.save_for_backward(q_scaled, k, v, probs, keep)
+        ctx.scale, ctx.keep_scale, ctx.per_chunk, ctx.num_chunks = scale, keep_scale, per_chunk, len(chunks)
+        ctx.shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
+        ctx.save_for_backward(keep, *qs, *ks, *vs, *probs)
         return context
 
     @staticmethod
     def backward(ctx, grad_context):
-        q_scaled, k, v, probs, keep = ctx.saved_tensors
-        grad = grad_context.to(probs.dtype)
+        keep, *saved = ctx.saved_tensors
+        n = ctx.num_chunks
+        qs, ks, vs, probs = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
+        grad = grad_context.to(probs[0].dtype)
         if ctx.keep_scale != 1.0:
             grad = grad * ctx.keep_scale
-        h = probs.shape[1]
-        grad_q, grad_k, grad_v = torch.empty_like(q_scaled), torch.empty_like(k), torch.empty_like(v)
-        for first in range(0, h, ctx.per_chunk):
+        q_shape, k_shape, v_shape = ctx.shapes
+        grad_q, grad_k, grad_v = (qs[0].new_empty(shape) for shape in (q_shape, k_shape, v_shape))
+        for index, first in enumerate(range(0, q_shape[1], ctx.per_chunk)):
             heads = slice(first, first + ctx.per_chunk)
-            p, g = probs[:, heads], grad[:, heads]
+            p, g = probs[index], grad[:, heads].contiguous()
             chunk_keep = None if keep is None else keep[:, heads]
             dropped = p if chunk_keep is None else torch.where(chunk_keep, p, 0.0)
             torch.matmul(dropped.transpose(-1, -2), g, out=grad_v[:, heads])
             del dropped
-            grad_probs = torch.matmul(g, v[:, heads].transpose(-1, -2))
+            grad_probs = torch.matmul(g, vs[index].transpose(-1, -2))
             if chunk_keep is not None:
                 grad_probs = torch.where(chunk_keep, grad_probs, 0.0)
             grad_scores = torch._softmax_backward_data(grad_probs, p, -1, p.dtype)
             del grad_probs
-            torch.matmul(grad_scores, k[:, heads], out=grad_q[:, heads])
+            torch.matmul(grad_scores, ks[index], out=grad_q[:, heads])
             grad_q[:, heads].mul_(ctx.scale)
-            torch.matmul(grad_scores.transpose(-1, -2), q_scaled[:, heads], out=grad_k[:, heads])
+            torch.matmul(grad_scores.transpose(-1, -2), qs[index], out=grad_k[:, heads])
         return grad_q, grad_k, grad_v, None, None, None, None
 
 

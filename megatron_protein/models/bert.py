@@ -48,8 +48,9 @@ from megatron_protein import kernels
 from megatron_protein.models import megatron_layout
 from megatron_protein.parallel import scg
 from megatron_protein.parallel import tensor_parallel as tp_layers
-from megatron_protein.parallel.collectives import copy_to_group
-from megatron_protein.parallel.pipeline import stage_layer_range
+from megatron_protein.parallel.collectives import (all_gather, copy_to_group, group_rank, group_size,
+                                                   scatter_to_group)
+from megatron_protein.parallel.pipeline import stage_layer_range, virtual_stage_layer_range
 
 #: TAPE IUPAC vocabulary size (<pad> <mask> <cls> <sep> <unk> A..Z without J).
 IUPAC_VOCAB_SIZE = 30
@@ -78,6 +79,11 @@ class BertConfig:
     layernorm_fusion: bool = True
     # Activation recompute of every transformer layer (Megatron's --checkpoint-activations / full recompute).
     checkpoint_activations: bool = False
+    # Megatron's --sequence-parallel: LayerNorm, dropout and residual regions on a 1/tp slice of the sequence.
+    sequence_parallel: bool = False
+    # --compile-layers: training steps on CPU run each layer through one torch.compile'd chain
+    # (megatron_protein.kernels.compiled); the same function and the same dropout masks as the eager layer.
+    compile_layers: bool = False
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
@@ -154,10 +160,16 @@ def seeded_init(seed: int):
 
 
 class BertEmbedding(nn.Module):
-    """word_embeddings[tokens] + position_embeddings[position_ids], then dropout. No token types, no LayerNorm."""
+    """word_embeddings[tokens] + position_embeddings[position_ids], then dropout. No token types, no LayerNorm.
+
+    With sequence parallelism the sum (replicated over tp by the vocab-parallel lookup) is cut to this rank's slice
+    of the sequence before the dropout, which then draws its mask from the model-parallel RNG stream: every slice
+    its own mask (Megatron-LM's embedding does the same)."""
 
     def __init__(self, config: BertConfig, groups: scg.ParallelGroups):
         super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.tp_group = groups.group("tp")
         init = normal_init(config.init_method_std)
         self.word_embeddings = tp_layers.VocabParallelEmbedding(
             config.padded_vocab_size(groups.size("tp")), config.hidden_size, init_method=init, groups=groups)
@@ -174,7 +186,11 @@ class BertEmbedding(nn.Module):
                              f"{self.max_position_embeddings}; raise --max-position-embeddings or shorten "
                              f"--seq-length")
         embeddings = self.word_embeddings(tokens) + self.position_embeddings(position_ids)
-        return self.embedding_dropout(embeddings)
+        if not self.sequence_parallel:
+            return self.embedding_dropout(embeddings)
+        embeddings = scatter_to_group(embeddings, 1, self.tp_group)  # [b, s, h] -> [b, s/tp, h]
+        with tp_layers.get_rng_tracker().fork():
+            return self.embedding_dropout(embeddings)
 
 
 class SelfAttention(nn.Module):
@@ -190,21 +206,26 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.local_heads = config.num_attention_heads // tp
         init = normal_init(config.init_method_std)
+        sp = config.sequence_parallel
+        self.sequence_parallel = sp
         self.query_key_value = tp_layers.ColumnParallelLinear(
-            config.hidden_size, 3 * config.hidden_size, gather_output=False, init_method=init, groups=groups)
+            config.hidden_size, 3 * config.hidden_size, gather_output=False, init_method=init, groups=groups,
+            sequence_parallel=sp)
         self.core_attention = kernels.CoreAttention(self.head_dim, config.attention_dropout,
                                                     fused=config.masked_softmax_fusion)
         self.dense = tp_layers.RowParallelLinear(
             config.hidden_size, config.hidden_size, input_is_parallel=True, init_method=output_init,
-            groups=groups, skip_bias_add=True)
+            groups=groups, skip_bias_add=True, sequence_parallel=sp)
         self.tp_group = groups.group("tp")
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], query_index: Optional[torch.Tensor] = None):
         if query_index is not None:
             return self._forward_at(x, mask, query_index)
-        b, s, _ = x.shape
-        # [b, s, h] -> [b, s, heads/tp * 3 * d] -> [b, s, heads/tp, 3, d] (per-head q, k, v rows)
-        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, self.head_dim)
+        # [b, s, h] (sequence parallel: [b, s/tp, h], gathered by the projection) -> [b, s, heads/tp * 3 * d]
+        # -> [b, s, heads/tp, 3, d] (per-head q, k, v rows)
+        qkv = self.query_key_value(x)
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim)
         # each of q, k, v: [b, heads/tp, s, d], strided views of qkv. unbind (not three index-selects): its backward
         # stacks the three gradients into one tensor instead of zero-filling a full qkv-sized gradient per slice.
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))
@@ -219,10 +240,14 @@ class SelfAttention(nn.Module):
     def _forward_at(self, x: torch.Tensor, mask: Optional[torch.Tensor], query_index: torch.Tensor):
         """Attention output at the positions ``query_index`` [b, m] only: queries there, keys and values from every
         position. The query rows and the key/value rows of the fused projection are applied separately, so no
-        query is projected that is not used."""
+        query is projected that is not used. With sequence parallelism ``x`` is this rank's slice of the sequence
+        (all-gathered here, as the projection would) and the output this rank's slice of the m queries."""
+        if self.sequence_parallel:
+            x = all_gather(x, 1, self.tp_group)  # what ColumnParallelLinear(sequence_parallel) does to its input
+        else:
+            x = copy_to_group(x, self.tp_group)  # what ColumnParallelLinear does to its input: all-reduce dx over tp
         b, s, hidden = x.shape
         m = query_index.shape[1]
-        x = copy_to_group(x, self.tp_group)  # what ColumnParallelLinear does to its input: all-reduce dx over tp
         # The rows of the fused weight are [heads, 3 (q, k, v), d]: split (not index) so that backward
         # concatenates the two gradients instead of zero-filling a full-size one per slice.
         w_q, w_kv = (w.reshape(-1, hidden) for w in self.query_key_value.weight.view(
@@ -247,13 +272,14 @@ class MLP(nn.Module):
     def __init__(self, config: BertConfig, groups: scg.ParallelGroups, output_init):
         super().__init__()
         init = normal_init(config.init_method_std)
+        sp = config.sequence_parallel
         self.dense_h_to_4h = tp_layers.ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, gather_output=False, init_method=init, groups=groups,
-            skip_bias_add=True)
+            skip_bias_add=True, sequence_parallel=sp)
         self.bias_gelu = kernels.BiasGeLU(fused=config.bias_gelu_fusion)
         self.dense_4h_to_h = tp_layers.RowParallelLinear(
             config.ffn_hidden_size, config.hidden_size, input_is_parallel=True, init_method=output_init,
-            groups=groups, skip_bias_add=True)
+            groups=groups, skip_bias_add=True, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor):
         intermediate, bias = self.dense_h_to_4h(x)
@@ -261,7 +287,13 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """One pre-LN layer: four sub-modules, two residual connections (ProteinLM / Megatron BERT)."""
+    """One pre-LN layer: four sub-modules, two residual connections (ProteinLM / Megatron BERT).
+
+    With sequence parallelism (Korthikanti et al. 2022) ``x`` and the output are this tp rank's slice of the
+    sequence ``[b, s/tp, h]``: the LayerNorms, both bias-dropout-adds and the residuals run on the slice (their
+    parameters' gradients are summed over tp after backward), the QKV and ``dense_h_to_4h`` projections all-gather
+    the sequence and the two row-parallel outputs reduce-scatter it; the hidden dropout then draws from the
+    model-parallel RNG stream, so every slice gets its own mask."""
 
     def __init__(self, config: BertConfig, groups: scg.ParallelGroups):
         super().__init__()
@@ -272,16 +304,74 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = kernels.LayerNorm(config.hidden_size, eps=eps, fused=fused_ln)
         self.mlp = MLP(config, groups, output_init)
         self.bias_dropout_add = kernels.BiasDropoutAdd(config.hidden_dropout, fused=config.bias_dropout_fusion)
+        self.sequence_parallel = config.sequence_parallel
+        self.tp_group = groups.group("tp")
+        if self.sequence_parallel:
+            tp_layers.mark_sequence_parallel(*self.input_layernorm.parameters(),
+                                             *self.post_attention_layernorm.parameters())
+        self.compile_layer = config.compile_layers
+
+    def _dropout_rng(self):
+        """Hidden dropout on sequence slices draws per tp rank; on replicated activations from the default
+        generator (the same mask on every tp rank, as the replicated values need)."""
+        return tp_layers.get_rng_tracker().fork() if self.sequence_parallel else contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 query_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # x: [b, s, h], replicated across tp. With query_index [b, m] the output is [b, m, h], the layer's output at
-        # those positions only (every position still serves as a key and value).
+        # x: [b, s, h], replicated across tp ([b, s/tp, h] with sequence parallelism). With query_index [b, m] the
+        # output is [b, m, h] ([b, m/tp, h]), the layer's output at those positions only (every position still
+        # serves as a key and value).
+        if self.compile_layer and query_index is None and torch.is_grad_enabled() and x.device.type == "cpu":
+            return self._compiled_forward(x, mask)
         attention_out, attention_bias = self.self_attention(self.input_layernorm(x), mask, query_index)
-        residual = x if query_index is None else gather_positions(x, query_index)
-        h = self.bias_dropout_add(attention_out, attention_bias, residual)
+        if query_index is None:
+            residual = x
+        elif self.sequence_parallel:
+            # This rank's slice of the m queries, read from the whole sequence (gathered: every rank reads other
+            # rows of it, so its backward sums their gradients).
+            m_local = query_index.shape[1] // max(1, self._tp_size())
+            rows = query_index[:, group_rank(self.tp_group) * m_local:(group_rank(self.tp_group) + 1) * m_local]
+            residual = gather_positions(all_gather(x, 1, self.tp_group), rows)
+        else:
+            residual = gather_positions(x, query_index)
+        with self._dropout_rng():
+            h = self.bias_dropout_add(attention_out, attention_bias, residual)
         mlp_out, mlp_bias = self.mlp(self.post_attention_layernorm(h))
-        return self.bias_dropout_add(mlp_out, mlp_bias, h)
+        with self._dropout_rng():
+            return self.bias_dropout_add(mlp_out, mlp_bias, h)
+
+    def _tp_size(self) -> int:
+        return group_size(self.tp_group)
+
+    def _compiled_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer as one compiled chain (:func:`megatron_protein.kernels.compiled.bert_layer_body`). The dropout
+        masks are drawn here, eagerly, as the eager layer draws them: the attention mask from the model-parallel
+        stream (CoreAttention's CPU training path), then the two hidden masks from the default generator (from
+        the model-parallel stream on sequence slices), with the same function and shapes."""
+        from megatron_protein.kernels import attention as attention_kernels
+        from megatron_protein.kernels import bias_dropout_add as bda
+        from megatron_protein.kernels import compiled
+        attn, mlp = self.self_attention, self.mlp
+        seq = x.shape[1] * (self._tp_size() if self.sequence_parallel else 1)
+        p_attention, p_hidden = attn.core_attention.dropout_p, self.bias_dropout_add.p
+        keep_attention = keep_attention_output = keep_mlp_output = None
+        if self.training and p_attention > 0.0:
+            with tp_layers.get_rng_tracker().fork():
+                keep_attention = attention_kernels.attention_keep_mask(
+                    (x.shape[0], attn.local_heads, seq, seq), p_attention, x.device)
+        if self.training and p_hidden > 0.0:
+            with self._dropout_rng():
+                keep_attention_output = bda.dropout_keep_mask(x.shape, p_hidden, (), x.device)
+            with self._dropout_rng():
+                keep_mlp_output = bda.dropout_keep_mask(x.shape, p_hidden, (), x.device)
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        body = compiled.compiled("bert_layer", compiled.bert_layer_body)
+        return body(x, mask, keep_attention, keep_attention_output, keep_mlp_output,
+                    ln1.weight, ln1.bias, attn.query_key_value.weight, attn.query_key_value.bias,
+                    attn.dense.weight, attn.dense.bias, ln2.weight, ln2.bias,
+                    mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, mlp.dense_4h_to_h.weight,
+                    mlp.dense_4h_to_h.bias, ln1.eps, attn.local_heads, attn.head_dim, p_attention, p_hidden,
+                    self.tp_group, self.sequence_parallel)
 
 
 class TransformerEncoder(nn.Module):
@@ -299,6 +389,8 @@ class TransformerEncoder(nn.Module):
         if post_process:
             self.final_layernorm = kernels.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
                                                      fused=config.layernorm_fusion)
+            if config.sequence_parallel:
+                tp_layers.mark_sequence_parallel(*self.final_layernorm.parameters())
         else:
             self.final_layernorm = None
         self.checkpoint_activations = config.checkpoint_activations
@@ -306,7 +398,8 @@ class TransformerEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                 query_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[b, s, h] -> [b, s, h]; with ``query_index`` [b, m] (last stage only) -> [b, m, h], the last layer
-        computed at those positions only."""
+        computed at those positions only. With sequence parallelism every ``s`` (and ``m``) is this rank's
+        1/tp slice."""
         for number, layer in enumerate(self.layers):
             args = (x, mask) if query_index is None or number < len(self.layers) - 1 else (x, mask, query_index)
             if self.checkpoint_activations and torch.is_grad_enabled():
@@ -360,6 +453,7 @@ class MLMHead(nn.Module):
     def __init__(self, config: BertConfig, groups: scg.ParallelGroups):
         super().__init__()
         self.groups = groups
+        self.sequence_parallel = config.sequence_parallel
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         normal_init(config.init_method_std)(self.dense.weight.data)
         nn.init.zeros_(self.dense.bias.data)
@@ -372,11 +466,15 @@ class MLMHead(nn.Module):
         self.bias.partition_dim = 0
         for p in (self.dense.weight, self.dense.bias):
             p.tensor_model_parallel = False
+        if self.sequence_parallel:   # dense, GeLU and LayerNorm run on the sequence slice (as in Megatron-LM)
+            tp_layers.mark_sequence_parallel(self.dense.weight, self.dense.bias, *self.layernorm.parameters())
 
     def forward(self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor) -> torch.Tensor:
-        # hidden [b, s, h] -> logits shard [b, s, padded_vocab / tp]
+        # hidden [b, s, h] -> logits shard [b, s, padded_vocab / tp]; with sequence parallelism hidden is the
+        # [b, s/tp, h] slice, gathered before the vocabulary-parallel product (every rank scores every position).
         hidden = self.layernorm(torch.nn.functional.gelu(self.dense(hidden)))
-        return tp_layers.vocab_parallel_logits(hidden, word_embeddings_weight, self.bias, groups=self.groups)
+        return tp_layers.vocab_parallel_logits(hidden, word_embeddings_weight, self.bias, groups=self.groups,
+                                               sequence_parallel=self.sequence_parallel)
 
 
 class ProteinBertModel(nn.Module):
@@ -405,7 +503,8 @@ class ProteinBertModel(nn.Module):
     megatron_bert = True
 
     def __init__(self, config: BertConfig, groups: Optional[scg.ParallelGroups] = None,
-                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
+                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                 layers: Optional[range] = None):
         super().__init__()
         groups = groups if groups is not None else scg.current()
         tp, pp = groups.size("tp"), groups.size("pp")
@@ -414,7 +513,8 @@ class ProteinBertModel(nn.Module):
         self.groups = groups
         self.pre_process = groups.is_first("pp") if pre_process is None else pre_process
         self.post_process = groups.is_last("pp") if post_process is None else post_process
-        layers = stage_layer_range(config.num_layers, pp, groups.rank_in("pp"))
+        if layers is None:  # this rank's pipeline stage (a model chunk of the interleaved schedule passes its own)
+            layers = stage_layer_range(config.num_layers, pp, groups.rank_in("pp"))
         self.first_layer = layers.start
         self.language_model = LanguageModel(config, groups, self.pre_process, self.post_process,
                                             layers.start, len(layers))
@@ -435,13 +535,14 @@ class ProteinBertModel(nn.Module):
         else:
             self.lm_head = None
 
-    def state_dict_for_save_checkpoint(self) -> dict:
+    def state_dict_for_save_checkpoint(self, state_dict: Optional[dict] = None) -> dict:
         """This stage's weights in Megatron-LM's nested BERT layout (``{'language_model': {'embedding': ...,
         'encoder': ...}, 'lm_head': ..., 'word_embeddings_for_head': ...}``), what Megatron-LM's
         ``BertModel.load_state_dict`` reads. Tensors are detached copies (not views of the data-parallel flat
-        buffer), so each is saved alone."""
-        return megatron_layout.nest_bert_state(
-            {key: value.detach().clone() for key, value in self.state_dict().items()})
+        buffer), so each is saved alone. ``state_dict``: a flat state of this model to nest instead of its own
+        (the optimizer's float32 main parameters of a bf16 run)."""
+        state = self.state_dict() if state_dict is None else state_dict
+        return megatron_layout.nest_bert_state({key: value.detach().clone() for key, value in state.items()})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that also takes Megatron-LM's nested layout and the key names of other
@@ -479,24 +580,96 @@ class ProteinBertModel(nn.Module):
             return self.language_model.encoder(hidden, attention_mask)
         if prediction_mask is None:
             hidden = self.language_model.encoder(hidden, attention_mask)
-        else:
+        elif not self.config.sequence_parallel:
             if prediction_mask.shape != hidden.shape[:2]:
                 raise ValueError(f"prediction_mask must be [b, s] = {tuple(hidden.shape[:2])}, got "
                                  f"{tuple(prediction_mask.shape)}")
             query_index, valid = prediction_positions(prediction_mask)
             hidden = self.language_model.encoder(hidden, attention_mask, query_index)[valid]  # [n, h]
+        else:
+            # Sequence parallel: the last layer's m queries are split over tp after attention (m padded to a
+            # multiple of tp), the head scores this rank's slice and gathers the logits of all m.
+            tp = self.groups.size("tp")
+            if prediction_mask.shape[0] != hidden.shape[0] or prediction_mask.shape[1] != hidden.shape[1] * tp:
+                raise ValueError(f"prediction_mask must be [b, s] = {(hidden.shape[0], hidden.shape[1] * tp)}, got "
+                                 f"{tuple(prediction_mask.shape)}")
+            query_index, valid = prediction_positions(prediction_mask, multiple_of=tp)
+            hidden = self.language_model.encoder(hidden, attention_mask, query_index)  # [b, m/tp, h]
+            return self.lm_head(hidden, self.decoder_weight())[valid]                  # [n, V/tp]
         return self.lm_head(hidden, self.decoder_weight())
 
 
-def prediction_positions(prediction_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[b, s] bool -> (index [b, m] long, valid [b, m] bool), m = max(1, most predictions in a row).
+
+class ProteinBertChunks(nn.Module):
+    """The model chunks of one pipeline rank under the interleaved 1F1B schedule (Megatron-LM's
+    ``--num-layers-per-virtual-pipeline-stage``; Narayanan et al. 2021, section 2.2.2).
+
+    Chunk c of pipeline rank r is virtual stage ``c * pp + r`` (:func:`~megatron_protein.parallel.pipeline.
+    virtual_stage_layer_range`): a :class:`ProteinBertModel` with those layers, numbered locally from 0 as Megatron
+    stores them, the embedding only in chunk 0 of the first rank and the final LayerNorm, MLM head and (pp > 1) the
+    tied ``word_embeddings_for_head`` copy only in the last chunk of the last rank. Checkpoints hold one entry per
+    chunk, ``model0``, ``model1``, ... (:meth:`state_dicts_for_save_checkpoint`), each in the nested layout of one
+    Megatron BERT, as Megatron-LM saves a list of model chunks; the converter reads them
+    (:mod:`megatron_protein.conversion.megatron_checkpoint`). Parameters register chunk by chunk, so the flat
+    data-parallel buffers and the optimizer see chunk 0's first.
+    """
+
+    megatron_bert = True
+
+    def __init__(self, config: BertConfig, groups: Optional[scg.ParallelGroups] = None, num_chunks: int = 2):
+        super().__init__()
+        groups = groups if groups is not None else scg.current()
+        pp, rank = groups.size("pp"), groups.rank_in("pp")
+        if num_chunks < 2:
+            raise ValueError(f"ProteinBertChunks holds at least 2 model chunks, got {num_chunks}; use "
+                             f"ProteinBertModel for one")
+        if pp < 2:
+            raise ValueError(f"{num_chunks} model chunks (virtual pipeline stages) need pipeline-model-parallel size "
+                             f">= 2, got {pp}")
+        self.config, self.groups, self.num_chunks = config, groups, num_chunks
+        self.chunks = nn.ModuleList(
+            ProteinBertModel(config, groups, pre_process=rank == 0 and c == 0,
+                             post_process=rank == pp - 1 and c == num_chunks - 1,
+                             layers=virtual_stage_layer_range(config.num_layers, pp, num_chunks, rank, c))
+            for c in range(num_chunks))
+
+    def shared_embedding_weight(self) -> Optional[torch.Tensor]:
+        """This rank's copy of the tied word embedding (chunk 0 of the first rank, the last chunk of the last)."""
+        weights = [w for w in (chunk.shared_embedding_weight() for chunk in self.chunks) if w is not None]
+        return weights[0] if weights else None
+
+    def state_dicts_for_save_checkpoint(self) -> dict[str, dict]:
+        """``{'model0': ..., 'model1': ...}``: each chunk in Megatron-LM's nested BERT layout."""
+        return {f"model{c}": chunk.state_dict_for_save_checkpoint() for c, chunk in enumerate(self.chunks)}
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("ProteinBertChunks is run chunk by chunk by the pipeline schedule: call model.chunks[c]")
+
+
+def build_model(config: BertConfig, groups: Optional[scg.ParallelGroups] = None, num_chunks: int = 1):
+    """This rank's part of the protein BERT: a :class:`ProteinBertModel` (its pipeline stage), or with
+    ``num_chunks > 1`` the :class:`ProteinBertChunks` of the interleaved schedule. ``model_chunks(model)`` lists
+    the chunks either way."""
+    if num_chunks > 1:
+        return ProteinBertChunks(config, groups, num_chunks)
+    return ProteinBertModel(config, groups)
+
+
+def model_chunks(model: nn.Module) -> list[nn.Module]:
+    """The model chunks of ``model`` in virtual-stage order: ``model.chunks`` or ``[model]``."""
+    return list(model.chunks) if isinstance(model, ProteinBertChunks) else [model]
+
+def prediction_positions(prediction_mask: torch.Tensor, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, s] bool -> (index [b, m] long, valid [b, m] bool), m = max(1, most predictions in a row), rounded up to
+    ``multiple_of`` (at most s; sequence parallelism splits the m queries over tp).
 
     Row i's first ``count_i`` entries of ``index`` are its predicted positions in increasing order; the rest
-    (``valid`` False) repeat some other position of the row and are computed and then dropped, so that every row
-    has m queries (one [b, m] batch instead of ragged rows; m >= 1 keeps shapes non-empty)."""
+    (``valid`` False) are other positions of the row, computed and then dropped, so that every row has m queries
+    (one [b, m] batch instead of ragged rows; m >= 1 keeps shapes non-empty)."""
     prediction_mask = prediction_mask.bool()
     counts = prediction_mask.sum(dim=1)
     m = max(1, int(counts.max())) if counts.numel() else 1
+    m = min(prediction_mask.shape[1], -(-m // multiple_of) * multiple_of)
     # A stable sort of "not predicted" (0 before 1) lists each row's predicted positions first, in order.
     order = torch.argsort((~prediction_mask).to(torch.int8), dim=1, stable=True)
     index = order[:, :m]

@@ -31,6 +31,15 @@ PyTorch's DDP do; wrap every backward but the last in :meth:`DataParallel.no_syn
 
 Averaging: gloo has no ``ReduceOp.AVG``, so each bucket is divided by the dp size and then summed (dividing first
 also keeps low-precision gradients in range, as Megatron-LM does).
+
+Distributed optimizer (``use_distributed_optimizer=True``, Megatron-LM's ``--use-distributed-optimizer``, ZeRO
+stage 1 of Rajbhandari et al. 2020, arXiv:1910.02054): the buckets are padded to a multiple of the dp size and
+each dp rank owns one of the dp equal chunks of every bucket (:meth:`DataParallel.shard_bounds`).
+:meth:`DataParallel.sync_gradients` then reduce-scatters each bucket instead of all-reducing it (each rank gets
+the averaged gradient of its own chunk only: half the traffic of an all-reduce), the optimizer steps its chunks
+(:class:`~megatron_protein.training.mixed_precision_optimizer.MixedPrecisionOptimizer`), and
+:meth:`DataParallel.gather_parameters` all-gathers the updated chunks into every replica's parameters. The rest
+of a chunk's gradient buffer holds partial sums afterwards and must not be read.
 """
 from __future__ import annotations
 
@@ -62,6 +71,47 @@ def all_reduce_buckets(buckets: list[Bucket], group, group_size: int, average: b
         handle.wait()
 
 
+def reduce_scatter_buckets(buckets: list[Bucket], group, group_size: int, group_rank: int,
+                           average: bool = True) -> None:
+    """Reduce-scatter (sum, or mean when ``average``) the padded gradient of every bucket over ``group``: rank r
+    of the group ends with the reduced values of chunk r of each bucket, in place (the other chunks keep partial
+    sums). All collectives are started before any is waited on; ``group=None`` does nothing."""
+    if group is None or group_size == 1:
+        return
+    handles = [_start_reduce_scatter(bucket, group, group_size, group_rank, average) for bucket in buckets]
+    for handle in handles:
+        handle.wait()
+
+
+def _chunk(tensor: torch.Tensor, group_size: int, group_rank: int) -> torch.Tensor:
+    size = tensor.numel() // group_size
+    return tensor[group_rank * size:(group_rank + 1) * size]
+
+
+def _start_reduce_scatter(bucket: Bucket, group, group_size: int, group_rank: int, average: bool):
+    grad = bucket.padded_grad
+    if grad.numel() % group_size:
+        raise ValueError(f"bucket {bucket.index} has {grad.numel()} padded elements, not a multiple of the group "
+                         f"size {group_size}: build its FusedParameters with pad_buckets_to={group_size}")
+    if average:
+        grad.div_(group_size)
+    return dist.reduce_scatter_tensor(_chunk(grad, group_size, group_rank), grad, group=group, async_op=True)
+
+
+def all_gather_buckets(buckets: list[Bucket], group, group_size: int, group_rank: int) -> None:
+    """All-gather the parameter chunks of every bucket over ``group`` (rank r contributes chunk r of the padded
+    values; afterwards every rank holds all chunks), in place; ``group=None`` does nothing."""
+    if group is None or group_size == 1:
+        return
+    handles = []
+    for bucket in buckets:
+        data = bucket.padded_data
+        handles.append(dist.all_gather_into_tensor(data, _chunk(data, group_size, group_rank), group=group,
+                                                   async_op=True))
+    for handle in handles:
+        handle.wait()
+
+
 def broadcast_buckets(buckets: list[Bucket], src: int, group) -> None:
     """Broadcast the parameter values of every bucket from global rank ``src`` over ``group`` (None: nothing)."""
     if group is None:
@@ -82,17 +132,30 @@ class DataParallel:
         bucket_numel: maximal elements per all-reduce bucket.
         overlap_grad_reduce: start each bucket's all-reduce from gradient hooks during the last backward pass.
         fused: reuse existing flat buffers instead of packing ``module`` again (e.g. shared with a DAP sync).
+        use_distributed_optimizer: reduce-scatter gradients instead of all-reducing them, for an optimizer that
+            steps only this rank's chunk of each bucket and then calls :meth:`gather_parameters` (module
+            docstring). The buckets must be padded to a multiple of the dp size (done here unless ``fused`` is
+            given).
     """
 
     def __init__(self, module: nn.Module, groups: Optional[scg.ParallelGroups] = None, axis: str = "dp",
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL, overlap_grad_reduce: bool = False,
-                 fused: Optional[FusedParameters] = None):
+                 fused: Optional[FusedParameters] = None, use_distributed_optimizer: bool = False):
         self.module = module
         self.groups = groups if groups is not None else scg.current()
         self.axis = axis
         self.group = self.groups.group(axis)
         self.size = self.groups.size(axis)
-        self.fused = fused if fused is not None else FusedParameters(module, bucket_numel=bucket_numel)
+        self.rank = self.groups.rank_in(axis)
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.fused = fused if fused is not None else FusedParameters(
+            module, bucket_numel=bucket_numel, pad_buckets_to=self.size if use_distributed_optimizer else 1)
+        if use_distributed_optimizer:
+            for bucket in self.fused.buckets:
+                if bucket.padded_numel % self.size:
+                    raise ValueError(f"use_distributed_optimizer: bucket {bucket.index} of {bucket.padded_numel} "
+                                     f"elements does not split into {self.size} equal chunks; build the "
+                                     f"FusedParameters with pad_buckets_to={self.size}")
         self.overlap_grad_reduce = overlap_grad_reduce
         self._sync_enabled = True
         self._hooks = []
@@ -142,9 +205,26 @@ class DataParallel:
             self._launch_ready_buckets(force=True)
             for _, work in self._pending:
                 work.wait()
+        elif self.use_distributed_optimizer:
+            reduce_scatter_buckets(self.fused.buckets, self.group, self.size, self.rank, average=True)
         else:
             all_reduce_buckets(self.fused.buckets, self.group, self.size, average=True)
         self._reset_overlap_state()
+
+    # ---------------------------------------------------------------- distributed optimizer
+    def shard_bounds(self, bucket: Bucket) -> tuple[int, int]:
+        """``[lo, hi)``, in the coordinates of ``bucket``'s flat buffer, of the chunk of ``bucket`` this rank owns
+        with the distributed optimizer (the whole padded bucket without it, or at dp degree 1)."""
+        if not self.use_distributed_optimizer or self.group is None:
+            return bucket.start, bucket.padded_end
+        size = bucket.padded_numel // self.size
+        return bucket.start + self.rank * size, bucket.start + (self.rank + 1) * size
+
+    def gather_parameters(self) -> None:
+        """Distributed optimizer: all-gather every bucket's updated parameter chunks, so every replica holds the
+        whole model again (after each optimizer step). Nothing to do without it."""
+        if self.use_distributed_optimizer:
+            all_gather_buckets(self.fused.buckets, self.group, self.size, self.rank)
 
     # ---------------------------------------------------------------- overlap
     def _install_hooks(self) -> None:
@@ -158,10 +238,9 @@ class DataParallel:
                     lambda param, pos=position_of[id(p)], view=buf.grad_view(i): self._on_grad_ready(param, pos, view)))
 
     def _on_grad_ready(self, param: nn.Parameter, pos: int, view: torch.Tensor) -> None:
-        if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
-            # Something (optimizer.zero_grad() with set_to_none) detached .grad: move it back into the buffer.
-            view.copy_(param.grad)
-            param.grad = view
+        # Something (optimizer.zero_grad() with set_to_none) detached .grad: move it back into the buffer; in
+        # main_grad mode add it into the float32 buffer (whichever of this hook and the buffer's own runs first).
+        self.fused.absorb_grad(param)
         if not self._sync_enabled:
             return
         if pos < self._next_bucket:
@@ -178,8 +257,12 @@ class DataParallel:
             bucket = buckets[self._next_bucket]
             if not force and len(self._ready.get(self._next_bucket, ())) < len(bucket.params):
                 return
-            bucket.grad.div_(self.size)
-            self._pending.append((bucket, dist.all_reduce(bucket.grad, group=self.group, async_op=True)))
+            if self.use_distributed_optimizer:
+                work = _start_reduce_scatter(bucket, self.group, self.size, self.rank, average=True)
+            else:
+                bucket.grad.div_(self.size)
+                work = dist.all_reduce(bucket.grad, group=self.group, async_op=True)
+            self._pending.append((bucket, work))
             self._next_bucket += 1
 
     def _reset_overlap_state(self) -> None:

@@ -15,6 +15,20 @@ generator stays in step. Sharded parameters carry ``tensor_model_parallel = True
 parameters replicated across tp ranks carry ``tensor_model_parallel = False`` (the gradient-norm code counts those
 once per model replica, see :func:`param_is_not_tensor_parallel_duplicate`).
 
+Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+section 4.2.2; Megatron-LM's ``--sequence-parallel``): between a row-parallel layer and the next column-parallel
+one (LayerNorm, dropout, the residual add) the activations are replicated over tp, so each rank may keep only its
+1/tp slice of the sequence. With ``sequence_parallel=True`` a :class:`ColumnParallelLinear` takes its input as that
+slice ``[..., s/tp, in]`` and all-gathers it along the sequence (dim -2) instead of entering through the identity
+(backward: reduce-scatter of the input gradient instead of an all-reduce), and a :class:`RowParallelLinear`
+reduce-scatters its partial sums along the sequence instead of all-reducing them (backward: all-gather). The same
+bytes travel (an all-reduce is a reduce-scatter plus an all-gather), and LayerNorm, dropout and residual
+activations take 1/tp of the memory. The column-parallel product keeps only the slice of its input for backward and
+all-gathers it again there (:func:`all_gather_linear`, Megatron-LM's ``linear_with_grad_accumulation_and_async_
+allreduce`` with ``sequence_parallel``), so the gathered ``[b, s, h]`` input is never stored either. Parameters that act on the slices (LayerNorm weights and biases, the
+row-parallel biases) see only their slice's part of the gradient; they carry ``sequence_parallel = True`` and
+:func:`all_reduce_sequence_parallel_gradients` sums their gradients over tp after the backward passes.
+
 Uneven splits are an error, not padded: an ``out_features``, ``in_features`` or vocabulary size that the
 tensor-parallel degree does not divide raises :class:`~megatron_protein.parallel.scg.ParallelConfigError` naming
 the layer and the sizes. The vocabulary is the exception that callers pad on purpose, with :func:`pad_vocab_size`
@@ -31,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import scg
-from .collectives import copy_to_group, gather_from_group, group_size, reduce_from_group_, scatter_to_group
+from .collectives import (_all_gather, _reduce_scatter, all_gather, copy_to_group, gather_from_group, group_size,
+                          reduce_from_group_, reduce_scatter_to_group, scatter_to_group)
 from .random import (MODEL_PARALLEL_RNG, ParallelSeeds, RNGStatesTracker, get_rng_tracker,  # noqa: F401
                      model_parallel_seed)
 from .scg import ParallelConfigError
@@ -40,6 +55,7 @@ __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "vocab_parallel_logits", "pad_vocab_size", "divide", "init_method_normal", "scaled_init_method_normal",
     "set_tensor_model_parallel_attributes", "param_is_not_tensor_parallel_duplicate",
+    "mark_sequence_parallel", "sequence_parallel_parameters", "all_reduce_sequence_parallel_gradients",
     "RNGStatesTracker", "get_rng_tracker", "model_parallel_seed", "MODEL_PARALLEL_RNG", "ParallelSeeds",
     "ParallelConfigError",
 ]
@@ -102,6 +118,91 @@ def param_is_not_tensor_parallel_duplicate(param: torch.Tensor, groups: Optional
     """True for a tp shard or for tp rank 0's copy of a replicated parameter: sum a norm only over those."""
     pg = groups if groups is not None else scg.current()
     return bool(getattr(param, "tensor_model_parallel", False)) or pg.rank_in("tp") == 0
+
+
+def mark_sequence_parallel(*params: torch.Tensor) -> None:
+    """Mark replicated parameters that act on sequence slices: their gradients are partial over tp."""
+    for param in params:
+        param.sequence_parallel = True
+
+
+def sequence_parallel_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` marked by :func:`mark_sequence_parallel`, in registration order."""
+    return [p for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.requires_grad]
+
+
+def all_reduce_sequence_parallel_gradients(params, groups: Optional[scg.ParallelGroups] = None) -> None:
+    """Sum the gradients of sequence-parallel parameters over tp (Megatron-LM's ``_allreduce_layernorm_grads``).
+
+    Each tp rank computed its sequence slice's part; after the sum every rank holds the gradient of the whole
+    sequence, as without sequence parallelism. One all-reduce over a flat copy of all of them (they are small:
+    LayerNorm parameters and biases). Call after the data-parallel gradient sync (with ``overlap_grad_reduce`` a
+    bucket's dp all-reduce may be in flight until then), before clipping and the optimizer step; the two sums
+    commute. A parameter with a float32 ``main_grad`` (mixed-precision parameters) has that summed; after a
+    reduce-scatter over dp (distributed optimizer) only this rank's chunk of it is meaningful, and the sum is right
+    there because every tp rank lays out its buckets alike. A missing ``.grad`` counts as zero.
+    """
+    pg = _groups(groups)
+    group = pg.group("tp")
+    params = list(params)
+    if group is None or not params:
+        return
+    grads = []
+    for p in params:
+        grad = getattr(p, "main_grad", None)
+        if grad is None:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = p.grad
+        grads.append(grad)
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class _AllGatherLinear(torch.autograd.Function):
+    """``y = all_gather(x, dim) @ W^T + b`` that saves the slice ``x``, not the gathered input: backward gathers it
+    again for the weight gradient and reduce-scatters the input gradient. Under autocast the product runs in the
+    autocast dtype, as ``F.linear`` would, and the gradients come back in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dim, group):
+        device = x.device.type
+        dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            out = F.linear(_all_gather(x, dim, group), weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.dim, ctx.group, ctx.dtypes, ctx.has_bias = dim, group, dtypes, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        full = _all_gather(x, ctx.dim, ctx.group)   # the gathered input again (never stored)
+        grad_input = _reduce_scatter(grad.matmul(weight), ctx.dim, ctx.group, "all_gather_linear (backward)")
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_2d.t().matmul(full.reshape(-1, full.shape[-1]))
+        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (grad_input.to(x_dtype), grad_weight.to(w_dtype),
+                None if grad_bias is None else grad_bias.to(b_dtype), None, None)
+
+
+def all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], group,
+                      dim: int = -2) -> torch.Tensor:
+    """``F.linear(all_gather(x, dim), weight, bias)`` keeping only ``x`` (this rank's slice of the sequence) for
+    backward; the input of sequence-parallel column-parallel layers (the plain composition at tp = 1)."""
+    if group is None or group_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _AllGatherLinear.apply(x, weight, bias, dim % x.dim(), group)
 
 
 def _groups(groups: Optional[scg.ParallelGroups]) -> scg.ParallelGroups:
@@ -174,16 +275,18 @@ class ColumnParallelLinear(_TensorParallelModule):
     keeps its ``[..., out/p]`` shard, ready for a :class:`RowParallelLinear` with ``input_is_parallel=True``.
     With ``skip_bias_add=True`` the layer returns ``(Y without bias, b)`` so the caller can fuse the bias add
     with the next op (bias-GeLU); the returned bias is the shard, or the full bias when ``gather_output``.
-    Bias starts at zero.
+    With ``sequence_parallel=True`` the input is this rank's slice of the sequence (dim -2), all-gathered before
+    the product (module docstring). Bias starts at zero.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = True,
                  init_method: Optional[InitMethod] = None, groups: Optional[scg.ParallelGroups] = None,
-                 skip_bias_add: bool = False):
+                 skip_bias_add: bool = False, sequence_parallel: bool = False):
         super().__init__(groups)
         pg = self.groups
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        self.sequence_parallel = sequence_parallel
         self.output_size_per_partition = divide(out_features, pg.size("tp"),
                                                 "ColumnParallelLinear out_features")
         self.weight = _sharded_weight((out_features, in_features), 0, init_method or init_method_normal(0.02), pg)
@@ -192,8 +295,12 @@ class ColumnParallelLinear(_TensorParallelModule):
     def forward(self, x: torch.Tensor):
         _check_last_dim(x, self.in_features, "ColumnParallelLinear", "in_features")
         group = self.groups.group("tp")
-        x = copy_to_group(x, group)
-        y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+        bias = None if self.skip_bias_add else self.bias
+        if self.sequence_parallel:
+            # [..., s/p, in] gathered to [..., s, in] for the product; only the slice is kept for backward.
+            y = all_gather_linear(x, self.weight, bias, group)
+        else:
+            y = F.linear(copy_to_group(x, group), self.weight, bias)
         if self.gather_output:
             y = gather_from_group(y, -1, group)  # [..., out/p] -> [..., out]
         if not self.skip_bias_add:
@@ -206,7 +313,8 @@ class ColumnParallelLinear(_TensorParallelModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
                 f"({self.output_size_per_partition} on this rank), bias={self.bias is not None}, "
-                f"gather_output={self.gather_output}, skip_bias_add={self.skip_bias_add}")
+                f"gather_output={self.gather_output}, skip_bias_add={self.skip_bias_add}, "
+                f"sequence_parallel={self.sequence_parallel}")
 
 
 class RowParallelLinear(_TensorParallelModule):
@@ -218,19 +326,27 @@ class RowParallelLinear(_TensorParallelModule):
     With ``input_is_parallel=True`` the input is already this rank's ``[..., in/p]`` shard (the output of a
     :class:`ColumnParallelLinear` with ``gather_output=False``); otherwise the full ``[..., in]`` input is split
     with :func:`scatter_to_group`. With ``skip_bias_add=True`` the layer returns ``(X A^T, b)`` so the caller can
-    fuse the bias with dropout and the residual add. Bias starts at zero.
+    fuse the bias with dropout and the residual add. With ``sequence_parallel=True`` the partial sums are
+    reduce-scattered along the sequence (dim -2): the output is this rank's slice, and the bias, which then acts
+    on a slice, is marked ``sequence_parallel`` (module docstring). Bias starts at zero.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = False,
                  init_method: Optional[InitMethod] = None, groups: Optional[scg.ParallelGroups] = None,
-                 skip_bias_add: bool = False):
+                 skip_bias_add: bool = False, sequence_parallel: bool = False):
         super().__init__(groups)
         pg = self.groups
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear(sequence_parallel=True) needs input_is_parallel=True (its input is "
+                             "a column-parallel layer's output)")
         self.input_size_per_partition = divide(in_features, pg.size("tp"), "RowParallelLinear in_features")
         self.weight = _sharded_weight((out_features, in_features), 1, init_method or init_method_normal(0.02), pg)
         self.bias = _zeros((out_features,), pg, False) if bias else None
+        if self.bias is not None and sequence_parallel:
+            mark_sequence_parallel(self.bias)
 
     def forward(self, x: torch.Tensor):
         group = self.groups.group("tp")
@@ -240,7 +356,10 @@ class RowParallelLinear(_TensorParallelModule):
         else:
             _check_last_dim(x, self.in_features, "RowParallelLinear", "in_features")
             x = scatter_to_group(x, -1, group)  # [..., in] -> [..., in/p]
-        y = reduce_from_group_(F.linear(x, self.weight), group)  # sum of partials, in place
+        if self.sequence_parallel:
+            y = reduce_scatter_to_group(F.linear(x, self.weight), -2, group)  # [..., s, out] partials -> [..., s/p, out]
+        else:
+            y = reduce_from_group_(F.linear(x, self.weight), group)  # sum of partials, in place
         if self.skip_bias_add:
             return y, self.bias
         return y if self.bias is None else y + self.bias
@@ -248,7 +367,8 @@ class RowParallelLinear(_TensorParallelModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} ({self.input_size_per_partition} on this rank), "
                 f"out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_is_parallel={self.input_is_parallel}, skip_bias_add={self.skip_bias_add}")
+                f"input_is_parallel={self.input_is_parallel}, skip_bias_add={self.skip_bias_add}, "
+                f"sequence_parallel={self.sequence_parallel}")
 
 
 class VocabParallelEmbedding(_TensorParallelModule):
@@ -286,15 +406,20 @@ class VocabParallelEmbedding(_TensorParallelModule):
 
 
 def vocab_parallel_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                          groups: Optional[scg.ParallelGroups] = None, gather_output: bool = False) -> torch.Tensor:
+                          groups: Optional[scg.ParallelGroups] = None, gather_output: bool = False,
+                          sequence_parallel: bool = False) -> torch.Tensor:
     """Logits of a decoder tied to a :class:`VocabParallelEmbedding`: ``hidden @ W_i^T + b_i`` on each rank.
 
-    ``hidden`` is replicated over tp and enters through :func:`copy_to_group`; the result is this rank's
-    ``[..., V/p]`` shard (feed it to :func:`vocab_parallel_cross_entropy`), or the full ``[..., V]`` when
-    ``gather_output`` (for inference).
+    ``hidden`` is replicated over tp and enters through :func:`copy_to_group` (with ``sequence_parallel``: it is
+    this rank's slice of dim -2, all-gathered first); the result is this rank's ``[..., V/p]`` shard of every
+    position (feed it to :func:`vocab_parallel_cross_entropy`), or the full ``[..., V]`` when ``gather_output``
+    (for inference).
     """
     group = _groups(groups).group("tp")
-    logits = F.linear(copy_to_group(hidden, group), embedding_weight, bias)
+    if sequence_parallel:
+        logits = all_gather_linear(hidden, embedding_weight, bias, group)
+    else:
+        logits = F.linear(copy_to_group(hidden, group), embedding_weight, bias)
     return gather_from_group(logits, -1, group) if gather_output else logits
 
 

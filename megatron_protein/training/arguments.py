@@ -27,6 +27,16 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 10.0
     #: Megatron-LM's --use-tp-pp-dp-mapping: ranks ordered (dp, pp, tp) instead of Megatron's default (pp, dp, tp).
     use_tp_pp_dp_mapping: bool = False
+    #: Megatron-LM's --use-distributed-optimizer: optimizer state and float32 main parameters sharded over dp.
+    use_distributed_optimizer: bool = False
+    #: Model chunks per pipeline rank (interleaved 1F1B), from --num-layers-per-virtual-pipeline-stage; None: 1F1B.
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    #: --sequence-parallel: LayerNorm, dropout and residuals on a 1/tp slice of the sequence (needs tp > 1).
+    sequence_parallel: bool = False
+
+    @property
+    def num_model_chunks(self) -> int:
+        return self.virtual_pipeline_model_parallel_size or 1
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
@@ -220,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion")
     g.add_argument("--no-layernorm-fusion", action="store_false", dest="layernorm_fusion",
                    help="plain torch LayerNorm composition instead of the fused kernel")
+    g.add_argument("--compile-layers", action="store_true",
+                   help="CPU training: run each transformer layer's non-matmul work (LayerNorm, bias-GeLU, "
+                        "bias-dropout-add, softmax, layout changes) through one torch.compile'd chain; the first "
+                        "step pays the compilation (docs/kernels.md)")
     g.add_argument("--checkpoint-activations", "--recompute-activations", action="store_true",
                    dest="checkpoint_activations", help="recompute every layer's activations in backward")
 
@@ -240,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the last layer and the MLM head at every position, not only at the masked ones "
                         "(slower; with dropout 0 the same loss and gradients, with dropout other masks in the last layer)")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
-    g.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 parameters, activations and gradients; float32 main parameters, gradient accumulation "
+                        "and update in the optimizer (Megatron-LM's --bf16)")
+    g.add_argument("--fp16", action="store_true", help="as --bf16 in fp16, with dynamic loss scaling")
+    g.add_argument("--autocast", action="store_true",
+                   help="with --bf16/--fp16: float32 parameters under torch.autocast instead (casts every weight in "
+                        "each step; the model and optimizer stay float32)")
     g.add_argument("--loss-scale", type=float, default=None, help="static loss scale (fp16); default dynamic")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
     g.add_argument("--min-loss-scale", type=float, default=1.0)
@@ -289,9 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="start the data-parallel all-reduce of each bucket during the last backward pass")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B: each pipeline rank holds (layers / pp) / N model chunks of N layers "
+                        "(virtual stages), a smaller pipeline bubble for more point-to-point messages; needs pp > 1 "
+                        "and a number of micro-batches that is a multiple of pp")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with tensor parallelism: LayerNorm, dropout and residual activations on a 1/tp slice of "
+                        "the sequence (all-gather before and reduce-scatter after each parallel linear pair "
+                        "instead of all-reduce); needs tp > 1 and tp dividing --seq-length")
     g.add_argument("--use-tp-pp-dp-mapping", action="store_true",
                    help="order ranks (dp, pp, tp) instead of Megatron's default (pp, dp, tp); tp is innermost in "
                         "both")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the AdamW state and float32 main parameters over the data-parallel ranks "
+                        "(reduce-scatter gradients, step the local shard, all-gather parameters)")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
@@ -339,10 +369,42 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}")
     check_schedule_flags(args)
-    args.params_dtype = "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32")
+    check_parallel_flags(args)
+    if args.autocast and not (args.bf16 or args.fp16):
+        raise ValueError("--autocast chooses how --bf16 or --fp16 runs; add one of them (or drop --autocast)")
+    # The dtype of the model's parameters (Megatron's name): float32 under --autocast.
+    args.params_dtype = ("float32" if args.autocast else
+                         "bfloat16" if args.bf16 else ("float16" if args.fp16 else "float32"))
     args.consumed_train_samples = 0
     args.consumed_valid_samples = 0
     return args
+
+
+def check_parallel_flags(args: argparse.Namespace) -> None:
+    """Megatron-LM's rules for --num-layers-per-virtual-pipeline-stage and --sequence-parallel, as errors naming
+    the flags; sets ``args.virtual_pipeline_model_parallel_size`` (Megatron's name: None without the flag)."""
+    args.virtual_pipeline_model_parallel_size = None
+    per_virtual = args.num_layers_per_virtual_pipeline_stage
+    pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
+    if per_virtual is not None:
+        if per_virtual < 1:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {per_virtual}")
+        if pp < 2:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {per_virtual} needs "
+                             f"--pipeline-model-parallel-size >= 2 (it is {pp}): the interleaved schedule splits "
+                             f"each pipeline stage into model chunks")
+        if args.num_layers % pp or (args.num_layers // pp) % per_virtual:
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {per_virtual} must divide the layers of a "
+                             f"pipeline stage: --num-layers {args.num_layers} / --pipeline-model-parallel-size {pp}"
+                             f"{'' if args.num_layers % pp == 0 else ' is not a whole number'}")
+        args.virtual_pipeline_model_parallel_size = args.num_layers // pp // per_virtual
+    if args.sequence_parallel:
+        if tp < 2:
+            raise ValueError(f"--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
+                             f"--tensor-model-parallel-size >= 2 (it is {tp})")
+        if args.seq_length % tp:
+            raise ValueError(f"--sequence-parallel needs --seq-length {args.seq_length} to be a multiple of "
+                             f"--tensor-model-parallel-size {tp}")
 
 
 def check_schedule_flags(args: argparse.Namespace) -> None:
@@ -384,10 +446,14 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std, init_seed=args.seed,
         masked_softmax_fusion=args.masked_softmax_fusion, bias_gelu_fusion=args.bias_gelu_fusion,
         bias_dropout_fusion=args.bias_dropout_fusion, layernorm_fusion=args.layernorm_fusion,
-        checkpoint_activations=args.checkpoint_activations)
+        checkpoint_activations=args.checkpoint_activations, sequence_parallel=args.sequence_parallel,
+        compile_layers=args.compile_layers)
     parallel = ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.overlap_grad_reduce, args.distributed_timeout_minutes,
-                              args.use_tp_pp_dp_mapping)
+                              args.use_tp_pp_dp_mapping, args.use_distributed_optimizer,
+                              virtual_pipeline_model_parallel_size=getattr(
+                                  args, "virtual_pipeline_model_parallel_size", None),
+                              sequence_parallel=getattr(args, "sequence_parallel", False))
     model.check_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
     warmup_samples = decay_samples = None
     if args.train_samples is not None:  # the schedule in samples (Megatron's sample-based training)
@@ -404,7 +470,7 @@ def configs_from_args(args: argparse.Namespace) -> PretrainConfig:
         lr_decay_steps=decay_iters, lr_warmup_samples=warmup_samples, lr_decay_samples=decay_samples,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad, fp16=args.fp16,
-        bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        bf16=args.bf16, autocast=args.autocast, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
     data_path, data_blend = parse_data_path(args.data_path)
     data = DataConfig(

@@ -11,7 +11,8 @@ Each file is a dict, Megatron-LM's (``megatron/training/checkpointing.py``): ``a
 Megatron's names, including ``consumed_train_samples``), ``checkpoint_version`` (3.0), ``iteration``, ``model``
 (this rank's weights; for the protein BERT the nested form Megatron-LM's ``BertModel.state_dict_for_save_checkpoint``
 writes, see :mod:`megatron_protein.models.megatron_layout`; a model without that method saves its flat
-``state_dict()``), ``optimizer`` (the AdamW state and, for fp16, the loss scaler), the LR schedule's position under
+``state_dict()``; under the interleaved schedule ``model0``, ``model1``, ... instead, one per model chunk of the
+rank, as Megatron-LM saves its list of chunks), ``optimizer`` (the AdamW state and, for fp16, the loss scaler), the LR schedule's position under
 ``opt_param_scheduler`` (newer Megatron's name) and ``lr_scheduler`` (older Megatron's; the same dict, read from
 either), and ``rng_state``: Megatron's list with one entry per data-parallel rank (Python, NumPy, torch, CUDA and
 the model-parallel tracker's streams), gathered to the writer, each rank restoring its own (replicas draw
@@ -37,6 +38,17 @@ one while ``iter_0000100`` is missing (:func:`resolve_iteration_dir`).
 Before anything is written, every rank checks that its weights and optimizer moments are finite, and all ranks
 agree: a checkpoint with NaN or inf is refused (:class:`CheckpointError`), whatever the caller.
 
+Mixed precision and the distributed optimizer
+(:class:`~megatron_protein.training.mixed_precision_optimizer.MixedPrecisionOptimizer`): ``model`` holds the
+float32 *main* parameters, not the bf16/fp16 ones the model computes with (Megatron-LM keeps bf16 weights there
+and the float32 copies in its optimizer state; one float32 copy here is what resuming, the converter and
+``--finetune`` all need, and Megatron-LM's loader casts it to its parameters' dtype). With the distributed
+optimizer they are gathered to dp rank 0 for it, and the optimizer state is written by every dp rank, each its
+own shard, into ``distrib_optim_dp_rank_{r:03d}.pt`` beside ``model_optim_rng.pt`` (whose ``optimizer`` entry
+then lists those files instead of holding tensors). Resuming reads the shards that overlap this rank's (its own
+file at the same dp degree; all of them at another), also into a run without the distributed optimizer or in
+float32, and a torch AdamW state (float32 or ``--autocast`` runs) into a bf16 one.
+
 Loading: the tracker is read on rank 0 and its iteration broadcast (:func:`read_tracker_on_rank0`), so every rank
 loads the same iteration even on a file system that shows ranks different versions of the file; each file is
 unpickled by the weights-only loader of :mod:`megatron_protein.utils.safe_load`; and all ranks fail together if
@@ -55,8 +67,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_protein.models import megatron_layout
 from megatron_protein.parallel import scg
 from megatron_protein.parallel import tensor_parallel as tp_layers
+from megatron_protein.training import mixed_precision_optimizer as mpo
 from megatron_protein.utils import fs
 from megatron_protein.utils.agree import from_rank0, on_all_ranks
 from megatron_protein.utils.errors import UserError
@@ -67,10 +81,13 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MODEL_FILENAME = "model_optim_rng.pt"
+#: One per dp rank with the distributed optimizer, beside MODEL_FILENAME: that rank's optimizer shard.
+SHARD_FILENAME = "distrib_optim_dp_rank_{:03d}.pt"
 
 #: Arguments that fix the shape of every saved tensor; a resume with different values cannot load the files.
-SHAPE_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers", "hidden_size",
-              "num_attention_heads", "ffn_hidden_size", "max_position_embeddings", "padded_vocab_size")
+SHAPE_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+              "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings",
+              "padded_vocab_size")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -183,6 +200,8 @@ def nonfinite_entries(model: torch.nn.Module, optimizer: Optional[torch.optim.Op
             found.append(name)
             if len(found) >= limit:
                 return found
+    if isinstance(optimizer, mpo.MixedPrecisionOptimizer):  # its float32 main parameters and moments
+        return found + optimizer.nonfinite_entries(limit - len(found))
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         for param, state in optimizer.state.items():
@@ -219,6 +238,12 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
 
     on_all_ranks(check_finite, groups, CheckpointError, what="the finiteness check of a save")
     rng_list = rng_states_of_replicas(groups) if save_rng else None  # collective over dp
+    mixed = isinstance(optimizer, mpo.MixedPrecisionOptimizer)
+    # The float32 main parameters are what the model entry holds (a gather over dp with the distributed
+    # optimizer in bf16/fp16: collective); the optimizer's state is this rank's shard.
+    main_params = optimizer.gather_main_params() if mixed else None
+    optimizer_shard = optimizer.state_dict() if mixed and save_optim else None
+    sharded = mixed and optimizer.distributed
     if groups.rank == 0:
         os.makedirs(save, exist_ok=True)
         if os.path.exists(tmp_dir):  # left by a save that was interrupted
@@ -231,10 +256,15 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
             "args": args,
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
-            "model": model_state_for_save(model),
         }
+        state.update(model_entries_for_save(model, main_params))
         if save_optim:
-            state["optimizer"] = {"optimizer": optimizer.state_dict(),
+            if sharded:  # the tensors are in every dp rank's shard file
+                inner = {key: value for key, value in optimizer_shard.items() if key != "pieces"}
+                inner["shard_files"] = [SHARD_FILENAME.format(r) for r in range(groups.size("dp"))]
+            else:
+                inner = optimizer_shard if mixed else optimizer.state_dict()
+            state["optimizer"] = {"optimizer": inner,
                                   "grad_scaler": loss_scaler.state_dict() if loss_scaler is not None else None}
             schedule = scheduler.state_dict()
             state["opt_param_scheduler"] = schedule   # newer Megatron-LM's name
@@ -245,9 +275,14 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
                                                       groups.size("pp")))
         os.makedirs(rank_dir, exist_ok=True)
         path = os.path.join(rank_dir, MODEL_FILENAME)
-        torch.save(state, path + ".partial")
-        fs.fsync_file(path + ".partial")
-        fs.replace_durably(path + ".partial", path)
+        _save_durably(state, path)
+    if sharded and save_optim and all(groups.rank_in(axis) == 0 for axis in groups.axes
+                                      if axis not in ("tp", "pp", "dp")):
+        # every dp rank (of the first replica over any other axis) writes its own shard of the optimizer state
+        rank_dir = os.path.join(tmp_dir, rank_dirname(groups.rank_in("tp"), groups.rank_in("pp"),
+                                                      groups.size("pp")))
+        os.makedirs(rank_dir, exist_ok=True)
+        _save_durably(optimizer_shard, os.path.join(rank_dir, SHARD_FILENAME.format(groups.rank_in("dp"))))
     _barrier(groups)
 
     if groups.rank == 0:
@@ -269,21 +304,168 @@ def save_checkpoint(save: str, iteration: int, model: torch.nn.Module, optimizer
     return final_dir
 
 
-def model_state_for_save(model: torch.nn.Module) -> dict:
+def model_entries_for_save(model: torch.nn.Module, main_params: Optional[dict] = None) -> dict:
+    """The model entries of a checkpoint file: ``{'model': ...}``, or ``{'model0': ..., 'model1': ...}`` for the
+    model chunks of the interleaved schedule (Megatron-LM's names). ``main_params``: see
+    :func:`model_state_for_save` (named as in ``model.named_parameters()``: ``chunks.{c}.`` for chunks)."""
+    chunks = _chunks(model)
+    if chunks is None:
+        return {"model": model_state_for_save(model, main_params)}
+    entries = {}
+    for c, chunk in enumerate(chunks):
+        prefix = f"chunks.{c}."
+        mine = None if main_params is None else {k[len(prefix):]: v for k, v in main_params.items()
+                                                 if k.startswith(prefix)}
+        entries[f"model{c}"] = model_state_for_save(chunk, mine)
+    return entries
+
+
+def _chunks(model: torch.nn.Module) -> Optional[list]:
+    """The model chunks of the interleaved schedule (``ProteinBertChunks``), or None for one model."""
+    return list(model.chunks) if hasattr(model, "state_dicts_for_save_checkpoint") else None
+
+
+def _load_model_entries(model: torch.nn.Module, state: dict, path: str) -> tuple[list, list]:
+    """Load the ``model`` entry (or ``model0``, ``model1``, ... into the chunks of the interleaved schedule) into
+    ``model``; return (missing, unexpected) keys, prefixed ``modelN:`` for chunks."""
+    chunks = _chunks(model)
+    if chunks is None:
+        if not isinstance(state.get("model"), dict):
+            hint = (" but model0, model1, ...: it was saved with --num-layers-per-virtual-pipeline-stage; resume with "
+                    "the same flag, or --finetune" if "model0" in state else f" (keys: {sorted(state)[:8]})")
+            raise CheckpointError(f"{path}: no 'model' entry{hint}")
+        return model.load_state_dict(state["model"], strict=False)
+    missing, unexpected = [], []
+    for c, chunk in enumerate(chunks):
+        entry = state.get(f"model{c}")
+        if not isinstance(entry, dict):
+            raise CheckpointError(
+                f"{path}: no 'model{c}' entry: this run has {len(chunks)} model chunks per pipeline rank "
+                f"(--num-layers-per-virtual-pipeline-stage) but the checkpoint holds "
+                f"{sorted(k for k in state if k.startswith('model'))}; resume with the checkpoint's layout, or use "
+                f"--finetune, which reads any layout")
+        result = chunk.load_state_dict(entry, strict=False)
+        missing += [f"model{c}:{k}" for k in result.missing_keys]
+        unexpected += [f"model{c}:{k}" for k in result.unexpected_keys]
+    extra = sorted(k for k in state if k.startswith("model") and k[5:].isdigit() and int(k[5:]) >= len(chunks))
+    if extra:
+        raise CheckpointError(f"{path}: holds model chunks {extra} beyond this run's {len(chunks)}; resume with the "
+                              f"checkpoint's --num-layers-per-virtual-pipeline-stage")
+    return missing, unexpected
+
+
+def _save_durably(obj: Any, path: str) -> None:
+    torch.save(obj, path + ".partial")
+    fs.fsync_file(path + ".partial")
+    fs.replace_durably(path + ".partial", path)
+
+
+def model_state_for_save(model: torch.nn.Module, main_params: Optional[dict] = None) -> dict:
     """What ``model`` saves: ``state_dict_for_save_checkpoint()`` when it has one (the protein BERT: Megatron's
     nested layout), else its flat ``state_dict()``. Tensors are cloned, so each is saved alone, not as a view of
-    the data-parallel flat buffer."""
+    the data-parallel flat buffer. ``main_params`` (parameter name -> float32 tensor, the mixed-precision
+    optimizer's main parameters) replace the model's own bf16/fp16 values."""
+    flat = dict(model.state_dict())
+    if main_params is not None:
+        for name, value in main_params.items():
+            if name not in flat:
+                raise KeyError(f"main parameter {name!r} is not in the model's state_dict")
+            flat[name] = value
     if hasattr(model, "state_dict_for_save_checkpoint"):
-        return model.state_dict_for_save_checkpoint()
-    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+        return model.state_dict_for_save_checkpoint(flat) if main_params is not None \
+            else model.state_dict_for_save_checkpoint()
+    return {key: value.detach().clone() for key, value in flat.items()}
 
 
-def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, path: str) -> dict:
+def _flat_model_state(model: torch.nn.Module, saved: dict) -> dict:
+    """A checkpoint's model entry with this model's flat parameter names."""
+    if getattr(model, "megatron_bert", False):
+        return megatron_layout.canonical_bert_state(saved)
+    return megatron_layout.flatten_state_dict(saved)
+
+
+def _flat_model_state_of_file(model: torch.nn.Module, state: dict) -> dict:
+    """The model entries of a checkpoint file (``model``, or ``model0``, ``model1``, ... for model chunks) with
+    this model's flat parameter names (``chunks.{c}.`` before each chunk's)."""
+    chunks = _chunks(model)
+    if chunks is None:
+        return _flat_model_state(model, state["model"])
+    return {f"chunks.{c}.{key}": value for c, chunk in enumerate(chunks)
+            for key, value in _flat_model_state(chunk, state[f"model{c}"]).items()}
+
+
+def _optimizer_shards(inner: dict, path: str, groups: scg.ParallelGroups, trust: bool,
+                      mine_only: bool) -> list[dict]:
+    """The saved shards of a :class:`MixedPrecisionOptimizer` (``inner`` is the ``optimizer`` entry of
+    ``path``): the entry itself, or the shard files it names (this dp rank's only when ``mine_only`` and the dp
+    degree is the same)."""
+    files = inner.get("shard_files")
+    if not files:
+        return [inner]
+    if mine_only and len(files) == groups.size("dp"):
+        files = [files[groups.rank_in("dp")]]
+    shards = []
+    for name in files:
+        shard_path = os.path.join(os.path.dirname(path), os.path.basename(name))
+        if not os.path.isfile(shard_path):
+            raise CheckpointError(f"{shard_path} does not exist: {path} was saved with the distributed optimizer "
+                                  f"over {len(inner['shard_files'])} dp ranks and names it (pass --no-load-optim "
+                                  f"to resume the weights with a fresh optimizer)")
+        try:
+            shards.append(load_torch_file(shard_path, trust=trust))
+        except UnsafeFileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported with the path
+            raise CheckpointError(f"{shard_path}: cannot read the optimizer shard ({type(exc).__name__}: "
+                                  f"{exc})") from exc
+    return shards
+
+
+def _mixed_optimizer_states(saved: Any, optimizer: "mpo.MixedPrecisionOptimizer", path: str, flat_model: dict,
+                            groups: scg.ParallelGroups, trust: bool) -> list[dict]:
+    """The shards of the saved optimizer state that :meth:`MixedPrecisionOptimizer.load_states` takes, checked:
+    ours (any dp degree), or a torch AdamW state of this model converted by name. Raises CheckpointError."""
+    inner = saved.get("optimizer") if isinstance(saved, dict) else None
+    try:
+        if isinstance(inner, dict) and inner.get("format") == mpo.STATE_FORMAT:
+            states = _optimizer_shards(inner, path, groups, trust, mine_only=True)
+            try:
+                optimizer.check_states(states, path)
+            except mpo.OptimizerStateError:
+                if len(states) == 1 and inner.get("shard_files"):  # another layout at this degree: read all
+                    states = _optimizer_shards(inner, path, groups, trust, mine_only=False)
+                    optimizer.check_states(states, path)
+                else:
+                    raise
+        elif isinstance(inner, dict) and isinstance(inner.get("state"), dict):
+            states = [mpo.pieces_from_torch_adamw(inner, flat_model, optimizer.numels)]
+            optimizer.check_states(states, path)
+        else:
+            raise mpo.OptimizerStateError("it is neither this trainer's AdamW state nor a torch optimizer state")
+    except mpo.OptimizerStateError as exc:
+        raise CheckpointError(f"{path}: the optimizer state cannot be resumed here: {exc}. Pass --no-load-optim to "
+                              f"resume the weights with a fresh optimizer, or --finetune to start a new run from "
+                              f"them") from None
+    return states
+
+
+def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, path: str, shards=None,
+                          named_parameters=None) -> dict:
     """The torch optimizer state inside ``saved`` (our ``{'optimizer': ..., 'grad_scaler': ...}``) when it is this
     trainer's: the same named parameter groups with the same numbers of parameters, every per-parameter tensor of
     its parameter's shape. Anything else (Megatron-LM's fp16/distributed optimizer state, another model's) raises
     :class:`CheckpointError` naming ``--no-load-optim``: torch would load some of it without complaint."""
     inner = saved.get("optimizer") if isinstance(saved, dict) else None
+    if isinstance(inner, dict) and inner.get("format") == mpo.STATE_FORMAT and shards is not None:
+        # A mixed-precision or distributed optimizer's state: back to per-parameter torch form, by name.
+        names = {}
+        for name, param in named_parameters or ():
+            names[id(param)] = name
+        try:
+            return mpo.torch_adamw_state_from_pieces(shards(inner), optimizer, names)
+        except mpo.OptimizerStateError as exc:
+            raise CheckpointError(f"{path}: the optimizer state cannot be resumed here: {exc}. Pass "
+                                  f"--no-load-optim to resume the weights with a fresh optimizer") from None
     ours = optimizer.param_groups
     problem = None
     if not isinstance(inner, dict) or not isinstance(inner.get("param_groups"), list) or not isinstance(
@@ -384,7 +566,8 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
                                   f"ever completed in this directory?)")
 
     if finetune and getattr(model, "megatron_bert", False):
-        saved_args = load_bert_weights_for_finetune(load, model, args, groups, iteration, trust_checkpoint)
+        saved_args = load_bert_weights_for_finetune(load, model, args, groups, iteration, trust_checkpoint,
+                                                    optimizer=optimizer)
         return {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0, "args": saved_args}
 
     def read_and_load_weights():
@@ -392,11 +575,11 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
         saved_args = state.get("args")
         if saved_args is not None:
             check_args_match(saved_args, args, path)
-        if not isinstance(state.get("model"), dict):
-            raise CheckpointError(f"{path}: no 'model' entry (keys: {sorted(state)[:8]})")
         try:
-            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+            missing, unexpected = _load_model_entries(model, state, path)
         except (ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
             raise CheckpointError(f"{path}: the weights do not fit this model: {exc}") from None
         if missing or unexpected:
             hint = (" (a checkpoint with a pooler, binary head or token types loads with --finetune, which drops "
@@ -405,12 +588,26 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
                     else "")
             raise CheckpointError(f"{path}: model keys do not match this model; missing {list(missing)}, "
                                   f"unexpected {list(unexpected)}{hint}")
+        mixed = isinstance(optimizer, mpo.MixedPrecisionOptimizer)
+        flat_model = _flat_model_state_of_file(model, state)
+        if mixed:  # the float32 values, exactly (the model now holds them rounded to bf16/fp16)
+            try:
+                optimizer.load_main_params(flat_model, path)
+            except mpo.OptimizerStateError as exc:
+                raise CheckpointError(str(exc)) from None
         optimizer_state = None
         if not finetune and load_optim and optimizer is not None:
             if "optimizer" not in state:
                 raise CheckpointError(f"{path} holds no optimizer state (saved with --no-save-optim); "
                                       f"pass --no-load-optim or --finetune")
-            optimizer_state = check_optimizer_state(state["optimizer"], optimizer, path)
+            if mixed:
+                optimizer_state = _mixed_optimizer_states(state["optimizer"], optimizer, path, flat_model, groups,
+                                                          trust_checkpoint)
+            else:
+                optimizer_state = check_optimizer_state(
+                    state["optimizer"], optimizer, path,
+                    shards=lambda inner: _optimizer_shards(inner, path, groups, trust_checkpoint, mine_only=False),
+                    named_parameters=list(model.named_parameters()))
         rng = None
         if not finetune and load_rng:
             if "rng_state" not in state:
@@ -432,7 +629,10 @@ def load_checkpoint(load: str, model: torch.nn.Module, optimizer: Optional[torch
     if finetune:
         return {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0, "args": saved_args}
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        if isinstance(optimizer, mpo.MixedPrecisionOptimizer):
+            optimizer.load_states(optimizer_state)
+        else:
+            optimizer.load_state_dict(optimizer_state)
         if loss_scaler is not None and state["optimizer"].get("grad_scaler") is not None:
             loss_scaler.load_state_dict(state["optimizer"]["grad_scaler"])
         schedule = state.get("opt_param_scheduler", state.get("lr_scheduler"))
@@ -455,7 +655,8 @@ FINETUNE_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidde
 
 def load_bert_weights_for_finetune(load: str, model: torch.nn.Module, args: argparse.Namespace,
                                    groups: scg.ParallelGroups, iteration: int | str,
-                                   trust_checkpoint: bool = False) -> Optional[argparse.Namespace]:
+                                   trust_checkpoint: bool = False,
+                                   optimizer=None) -> Optional[argparse.Namespace]:
     """``--finetune`` of a protein BERT from any Megatron BERT checkpoint: ours (any version), Megatron-LM's or
     ProteinLM's, saved with any TP/PP degrees. Collective; returns the checkpoint's args.
 
@@ -498,12 +699,22 @@ def load_bert_weights_for_finetune(load: str, model: torch.nn.Module, args: argp
                     full[key] = full[key][rows]
             dropped.append(f"vocabulary rows of {vocab_name} moved to our ids")
         full = repad_vocab(full, padded)
-        part = split_full_state(full, groups.size("tp"), groups.size("pp"))[(groups.rank_in("tp"),
-                                                                             groups.rank_in("pp"))]
-        missing, unexpected = model.load_state_dict(part, strict=False)
+        chunks = _chunks(model)
+        # Virtual stage c * pp + r of len(chunks) * pp (one per pipeline stage without chunks) for chunk c.
+        stages = split_full_state(full, groups.size("tp"), groups.size("pp") * len(chunks or [model]))
+        missing, unexpected, main = [], [], {}
+        for c, chunk in enumerate(chunks or [model]):
+            part = stages[(groups.rank_in("tp"), c * groups.size("pp") + groups.rank_in("pp"))]
+            result = chunk.load_state_dict(part, strict=False)
+            missing += list(result.missing_keys)
+            unexpected += list(result.unexpected_keys)
+            prefix = "" if chunks is None else f"chunks.{c}."
+            main.update({prefix + k: v.float() for k, v in megatron_layout.canonical_bert_state(part).items()})
         if missing or unexpected:
             raise CheckpointError(f"{checkpoint.source}: its weights do not fit this model; missing "
                                   f"{list(missing)}, unexpected {list(unexpected)}")
+        if isinstance(optimizer, mpo.MixedPrecisionOptimizer):  # the main parameters get the unrounded values
+            optimizer.load_main_params(main, checkpoint.source)
         return checkpoint, dropped
 
     checkpoint, dropped = on_all_ranks(read, groups, CheckpointError, what="loading the weights for --finetune")

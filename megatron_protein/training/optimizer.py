@@ -45,6 +45,9 @@ class OptimConfig:
     clip_grad: float = 1.0
     fp16: bool = False
     bf16: bool = False
+    #: With fp16/bf16: float32 parameters under torch.autocast instead of fp16/bf16 parameters with float32 main
+    #: copies in the optimizer (Megatron-LM's way, the default).
+    autocast: bool = False
     loss_scale: Optional[float] = None  # static loss scale for fp16; None = dynamic
     initial_loss_scale: float = 2.0 ** 32
     min_loss_scale: float = 1.0
@@ -63,10 +66,17 @@ class OptimConfig:
             raise ValueError(f"lr_decay_style must be constant, linear or cosine, got {self.lr_decay_style!r}")
         if self.fp16 and self.bf16:
             raise ValueError("--fp16 and --bf16 are exclusive")
+        if self.autocast and not (self.fp16 or self.bf16):
+            raise ValueError("--autocast needs --bf16 or --fp16 (it chooses how they run)")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr warmup steps must be >= 0, got {self.lr_warmup_steps}")
+
+
+def weight_decay_group(name: str, param: torch.Tensor) -> str:
+    """``'decay'`` for weights (matrices, embeddings), ``'no_decay'`` for biases and norm parameters (1-D)."""
+    return "no_decay" if param.ndim == 1 or name.endswith(".bias") else "decay"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -75,7 +85,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+        (no_decay if weight_decay_group(name, param) == "no_decay" else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]

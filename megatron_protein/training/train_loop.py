@@ -23,6 +23,12 @@ in TensorBoard like fp16's; ``--max-consecutive-skipped-iterations`` (default 10
 with :class:`NonFiniteLossError` (for fp16, only skips at the minimum loss scale count: above it, overflow is how
 the scaler finds its scale). Checkpoints are never written with non-finite weights (checkpointing refuses them).
 
+Precision (``docs/pretraining.md``, "Precision"): ``--bf16`` / ``--fp16`` keep the model's parameters in bf16 /
+fp16 and train float32 main copies of them with
+:class:`~megatron_protein.training.mixed_precision_optimizer.MixedPrecisionOptimizer` (Megatron-LM's way: no cast
+inside the step, float32 gradient accumulation and update); ``--autocast`` runs the float32 model under
+``torch.autocast`` instead. ``--use-distributed-optimizer`` shards that optimizer's state over dp (in any precision).
+
 The job holds ``SAVE.lock`` (:class:`~megatron_protein.utils.locks.OutputLock`) for its whole duration, taken by
 global rank 0 before anything else, so a second job on the same ``--save`` fails at once naming this one; and a
 resumed checkpoint whose ``data_path`` differs from this run's is refused unless ``--allow-data-path-change``.
@@ -30,6 +36,7 @@ resumed checkpoint whose ``data_path`` differs from this run's is refused unless
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -40,14 +47,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_protein.data.mlm_dataset import IGNORE_INDEX, PREDICTED_AS_MASK
-from megatron_protein.models.bert import ProteinBertModel, predicted_labels
+from megatron_protein.models.bert import build_model, model_chunks, predicted_labels
 from megatron_protein.parallel import scg
 from megatron_protein.parallel.dp import DataParallel
 from megatron_protein.parallel.pipeline import all_reduce_tied_gradients, run_pipeline, sync_tied_parameters
-from megatron_protein.parallel.tensor_parallel import model_parallel_seed, vocab_parallel_cross_entropy
+from megatron_protein.parallel.tensor_parallel import (all_reduce_sequence_parallel_gradients, model_parallel_seed,
+                                                       sequence_parallel_parameters, vocab_parallel_cross_entropy)
 from megatron_protein.training import checkpointing
 from megatron_protein.training.arguments import PretrainConfig, resolve_batch
 from megatron_protein.training.logging_utils import TrainingLogger, logger
+from megatron_protein.training.mixed_precision_optimizer import MixedPrecisionOptimizer, build_data_parallel
 from megatron_protein.training.mlm_metrics import MLMMetrics, training_frequencies
 from megatron_protein.training.optimizer import (DynamicLossScaler, LRScheduler, build_optimizer, clip_grad_norm,
                                                  grads_are_finite)
@@ -58,7 +67,7 @@ from megatron_protein.training.pretrain_data import (TEST_SPLITS, VALID_SPLITS, 
                                                      micro_batch_loader, residue_counts, resolve_blend,
                                                      resolve_sources, split_titles)
 from megatron_protein.utils.agree import on_all_ranks
-from megatron_protein.utils.errors import NonFiniteLossError
+from megatron_protein.utils.errors import ConfigError, NonFiniteLossError
 from megatron_protein.utils.locks import LockError, OutputLock
 
 
@@ -113,10 +122,20 @@ class ExitSignal:
             self.enabled = False
 
 
+def params_dtype(config: PretrainConfig) -> torch.dtype:
+    """The dtype of the model's parameters: bf16 / fp16 with ``--bf16`` / ``--fp16`` (float32 main copies in the
+    optimizer), float32 otherwise and under ``--autocast``."""
+    optim = config.optim
+    if optim.autocast:
+        return torch.float32
+    return torch.bfloat16 if optim.bf16 else torch.float16 if optim.fp16 else torch.float32
+
+
 def autocast_context(config: PretrainConfig, device: torch.device):
-    if config.optim.bf16:
+    """``torch.autocast`` in bf16 / fp16 with ``--autocast``; nothing otherwise (the parameters' dtype decides)."""
+    if config.optim.autocast and config.optim.bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if config.optim.fp16:
+    if config.optim.autocast and config.optim.fp16:
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -163,15 +182,39 @@ class Pretrainer:
         args.resolved_data_paths = resolved_data_paths(args)
         model_parallel_seed(config.data.seed, groups)
 
-        # Model: this rank's tp shard of its pp stage, replicas made equal over dp, tied copies over pp ends.
-        self.model = ProteinBertModel(config.model, groups).to(groups.device)
-        self.ddp = DataParallel(self.model, groups, overlap_grad_reduce=config.parallel.overlap_grad_reduce)
-        self.ddp.broadcast_parameters()
+        # Model: this rank's tp shard of its pp stage (its model chunks under the interleaved schedule), replicas
+        # made equal over dp, tied copies over pp ends (all in float32: these values become the main parameters of
+        # a mixed-precision run).
+        num_chunks = config.parallel.num_model_chunks
+        if num_chunks > 1 and self.num_micro_batches % groups.size("pp"):
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage: the interleaved schedule needs the number of "
+                f"micro-batches per step ({self.num_micro_batches} = --global-batch-size "
+                f"{config.train.global_batch_size} / (--micro-batch-size {config.train.micro_batch_size} x "
+                f"data-parallel size {groups.size('dp')})) to be a multiple of --pipeline-model-parallel-size "
+                f"{groups.size('pp')}")
+        args.virtual_pipeline_model_parallel_size = config.parallel.virtual_pipeline_model_parallel_size
+        self.model = build_model(config.model, groups, num_chunks).to(groups.device)
+        self.chunks = model_chunks(self.model)
         tied = self.model.shared_embedding_weight()
         self.tied_params = [tied] if tied is not None else []
+        # LayerNorm parameters and row-parallel biases acting on sequence slices (--sequence-parallel).
+        self.sequence_parallel_params = sequence_parallel_parameters(self.model)
+        #: bf16 / fp16 parameters with float32 main copies, and/or the distributed optimizer.
+        self.params_dtype = params_dtype(config)
+        self.main_params = self.params_dtype != torch.float32 or config.parallel.use_distributed_optimizer
+        if self.main_params:
+            self.ddp = build_data_parallel(self.model, groups, config.parallel.overlap_grad_reduce,
+                                           config.parallel.use_distributed_optimizer, self.tied_params)
+        else:
+            self.ddp = DataParallel(self.model, groups, overlap_grad_reduce=config.parallel.overlap_grad_reduce)
+        self.ddp.broadcast_parameters()
         sync_tied_parameters(self.tied_params, groups)
 
-        self.optimizer = build_optimizer(self.model, config.optim)
+        if self.main_params:  # casts the model to params_dtype, keeping the float32 values as main parameters
+            self.optimizer = MixedPrecisionOptimizer(self.ddp, config.optim, self.params_dtype, groups)
+        else:
+            self.optimizer = build_optimizer(self.model, config.optim)
         # The schedule counts samples, as Megatron-LM's (so its state is Megatron's and --lr-*-samples work).
         warmup, decay = config.optim.schedule_in_samples(config.train.global_batch_size, config.train.train_iters)
         self.scheduler = LRScheduler(self.optimizer, config.optim.lr, config.optim.min_lr, warmup, decay,
@@ -229,17 +272,28 @@ class Pretrainer:
         # The context-free baseline a model must beat: the training set's residue frequencies.
         self.train_frequencies = training_frequencies(train_counts, config.model.vocab_size)
         self._masked_stats = torch.zeros(2, dtype=torch.float64, device=groups.device)  # this step: sum, count
-        self.activation_shape = (train.micro_batch_size, data.seq_length, config.model.hidden_size)
+        # What travels between pipeline stages: the hidden states, this rank's 1/tp slice of the sequence under
+        # sequence parallelism (Megatron sends the slice too).
+        seq = data.seq_length // groups.size("tp") if config.model.sequence_parallel else data.seq_length
+        self.activation_shape = (train.micro_batch_size, seq, config.model.hidden_size)
 
     # ------------------------------------------------------------------------------------------ one stage
-    def forward_step(self, stage_input: Optional[torch.Tensor], batch: dict) -> torch.Tensor:
-        """This pipeline stage's forward: tokens on the first stage, the received hidden states elsewhere."""
+    def forward_step(self, stage_input: Optional[torch.Tensor], batch: dict, chunk: int = 0) -> torch.Tensor:
+        """This pipeline stage's forward (of model chunk ``chunk``): tokens on the first stage, the received
+        hidden states elsewhere."""
         device = self.groups.device
         mask = attention_mask(batch, self.config.data.pack_sequences).to(device)
         model_input = batch["tokens"].to(device) if stage_input is None else stage_input
         prediction_mask = batch["loss_mask"].to(device).bool() if self.config.train.sparse_prediction else None
         with autocast_context(self.config, device):
-            return self.model(model_input, mask, batch["position_ids"].to(device), prediction_mask=prediction_mask)
+            return self.chunks[chunk](model_input, mask, batch["position_ids"].to(device),
+                                      prediction_mask=prediction_mask)
+
+    def forward_steps(self):
+        """What :func:`run_pipeline` runs: the forward step, or one per model chunk (interleaved schedule)."""
+        if len(self.chunks) == 1:
+            return self.forward_step
+        return [functools.partial(self.forward_step, chunk=c) for c in range(len(self.chunks))]
 
     def loss_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels and loss mask laid out like the last stage's logits: [b, s], or [n] under sparse prediction."""
@@ -276,10 +330,47 @@ class Pretrainer:
         self.model.train()
         self.ddp.zero_grad()  # zeroes the flat gradient buffers (the .grad views stay attached)
         self._masked_stats.zero_()
-        loss = run_pipeline(self.forward_step, micro_batches, self.loss_fn, self.activation_shape,
-                            groups=groups, no_sync=self.ddp.no_sync)
-        self.ddp.sync_gradients()                              # mean over dp replicas
+        loss = run_pipeline(self.forward_steps(), micro_batches, self.loss_fn, self.activation_shape,
+                            dtype=self.params_dtype, groups=groups, no_sync=self.ddp.no_sync)
+        self.ddp.sync_gradients()                              # mean over dp (reduce-scatter: distributed optimizer)
+        all_reduce_sequence_parallel_gradients(self.sequence_parallel_params, groups)  # sum the slices' parts
         all_reduce_tied_gradients(self.tied_params, groups)    # word embedding used on the first and last stage
+        if self.main_params:
+            norm, skipped, loss = self._step_main_params(loss)
+        else:
+            norm, skipped, loss = self._step_torch_optimizer(loss)
+        # One dp all-reduce for the loss and the <mask> positions' sum and count (those live on the last stage).
+        stats = torch.cat([loss.detach().double().view(1), _from_last_stage(self._masked_stats, groups)])
+        stats = _all_reduce(stats, groups.group("dp"))
+        masked_loss = float(stats[1] / stats[2]) if stats[2] > 0 else float("nan")
+        return float(stats[0]) / groups.size("dp"), norm, skipped, masked_loss
+
+    def _step_main_params(self, loss: torch.Tensor) -> tuple[float, bool, torch.Tensor]:
+        """Unscale (fp16), one world-wide vote on finiteness with the global norm, clip and step the float32 main
+        parameters (:class:`MixedPrecisionOptimizer`). Returns (norm or NaN when skipped, skipped, loss)."""
+        optimizer = self.optimizer
+        if self.loss_scaler is not None:
+            inverse = 1.0 / self.loss_scaler.scale
+            optimizer.unscale_(inverse)
+            loss = loss * inverse
+        norm, finite = optimizer.grad_norm_and_finite(loss)
+        if self.loss_scaler is not None:
+            skipped = not finite
+            # An overflow above the minimum scale is how the scaler finds its scale; at the minimum it is real.
+            self._skip_is_hard = self.loss_scaler.at_minimum()
+            self.loss_scaler.update(skipped)
+        else:
+            skipped = not finite and self.config.train.check_for_nan_in_loss_and_grad
+        if skipped:
+            return float("nan"), True, loss
+        optimizer.clip_(self.config.optim.clip_grad, norm)
+        optimizer.step()
+        self.scheduler.step()
+        return norm, False, loss
+
+    def _step_torch_optimizer(self, loss: torch.Tensor) -> tuple[float, bool, torch.Tensor]:
+        """The float32 (and --autocast) step: torch AdamW on the model's own parameters."""
+        groups = self.groups
         params = [p for p in self.model.parameters() if p.grad is not None]
         skipped = False
         if self.loss_scaler is not None:
@@ -299,11 +390,7 @@ class Pretrainer:
         if not skipped:  # as Megatron: a skipped step does not advance the schedule either
             self.optimizer.step()
             self.scheduler.step()
-        # One dp all-reduce for the loss and the <mask> positions' sum and count (those live on the last stage).
-        stats = torch.cat([loss.detach().double().view(1), _from_last_stage(self._masked_stats, groups)])
-        stats = _all_reduce(stats, groups.group("dp"))
-        masked_loss = float(stats[1] / stats[2]) if stats[2] > 0 else float("nan")
-        return float(stats[0]) / groups.size("dp"), norm, skipped, masked_loss
+        return norm, skipped, loss
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -327,8 +414,8 @@ class Pretrainer:
         loader = micro_batch_loader(dataset, 0, train.micro_batch_size, groups.rank_in("dp"), groups.size("dp"))
         for _ in range(self.config.logging.eval_iters):
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
-            run_pipeline(self.forward_step, micro_batches, loss_fn, self.activation_shape, groups=groups,
-                         forward_only=True)
+            run_pipeline(self.forward_steps(), micro_batches, loss_fn, self.activation_shape,
+                         dtype=self.params_dtype, groups=groups, forward_only=True)
         metrics.reduce(groups)
         self.model.train()
         return metrics.summary(self.train_frequencies)
@@ -439,10 +526,15 @@ class Pretrainer:
     def _train_loop(self, result: TrainResult, log: TrainingLogger, loader, exit_signal: "ExitSignal") -> None:
         train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
         saved_at = None
+        step_seconds = []   # of this run's first two steps (--compile-layers: the first one compiles)
         while self.iteration < train.train_iters:
             micro_batches = [next(loader) for _ in range(self.num_micro_batches)]
             lr = self.scheduler.lr
+            started = time.monotonic()
             loss, norm, skipped, masked_loss = self.train_step(micro_batches)
+            if self.config.model.compile_layers and len(step_seconds) < 2:
+                step_seconds.append(time.monotonic() - started)
+                self._log_compile_time(log, step_seconds, self.iteration + 1 == train.train_iters)
             self.iteration += 1
             self.consumed_train_samples += train.global_batch_size
             result.losses.append(loss)
@@ -474,6 +566,20 @@ class Pretrainer:
                          "" if ckpt.save else "; no --save, so nothing was saved")
                 break
         result.saved_at = saved_at
+
+    @staticmethod
+    def _log_compile_time(log: TrainingLogger, step_seconds: list[float], last: bool) -> None:
+        """--compile-layers: the first step compiles the layer chain; say what that cost once a second step shows
+        the compiled speed (or after the only step)."""
+        from megatron_protein.kernels import compiled
+        if len(step_seconds) == 2 or last:
+            first = step_seconds[0]
+            later = f"; the next step took {step_seconds[1]:.1f} s, so compiling cost about " \
+                    f"{first - step_seconds[1]:.0f} s" if len(step_seconds) == 2 else ""
+            forward = compiled.COMPILE_SECONDS.get("bert_layer")
+            log.info("--compile-layers: the first step took %.1f s%s (the first call of the compiled layer forward, "
+                     "compilation included: %s)", first, later,
+                     f"{forward:.1f} s" if forward is not None else "not reached: no compiled layer on this rank")
 
     def _finish(self, result: TrainResult, log: TrainingLogger) -> TrainResult:
         train, log_cfg, ckpt = self.config.train, self.config.logging, self.config.checkpoint
