@@ -8,8 +8,8 @@ to one training example (its ``ensembled`` transforms, one ensemble member):
 2. Targets: ``all_atom_positions``/``all_atom_mask`` (atom37), ``backbone_rigid_tensor``/``backbone_rigid_mask``
    (the frame of N, CA, C by Algorithm 21, through :class:`megatron_protein.structure.rigid.Rigid`),
    ``pseudo_beta``/``pseudo_beta_mask`` (CB, CA for glycine; used by the distogram, 1.9.8).
-3. MSA sampling (1.2.7 and Algorithm 1's ``MSA clustering``): the query stays row 0; the other rows are shuffled;
-   the first ``max_msa_clusters`` rows are the cluster centres; the rest is the extra MSA.
+3. MSA sampling and clustering (1.2.7; Algorithm 1, MSABlockDeletion, is not built): the query stays row 0; the
+   other rows are shuffled; the first ``max_msa_clusters`` rows are the cluster centres; the rest is the extra MSA.
 4. Masked MSA (1.2.7, BERT-style): 15% of the centres' entries are replaced; a replaced entry becomes the mask
    token (22) with probability 0.7, a uniformly random amino acid with 0.1, a residue drawn from the MSA's profile
    with 0.1, and stays unchanged with 0.1. ``true_msa`` keeps the originals, ``bert_mask`` marks the replaced

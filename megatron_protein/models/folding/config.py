@@ -3,7 +3,7 @@
 ``FoldingConfig`` groups the settings by concern (``model``, ``data``, ``loss``, ``train``); every field is a plain
 number, string or bool, so a config round-trips through :meth:`FoldingConfig.to_dict` / :meth:`from_dict` into a
 checkpoint and back, and any single value can be overridden from the command line with a dotted path
-(``--config model.evoformer.num_blocks=4``; see :meth:`FoldingConfig.override`).
+(``--override model.evoformer.num_blocks=4``; see :meth:`FoldingConfig.override`).
 
 Presets (:func:`preset`):
 
