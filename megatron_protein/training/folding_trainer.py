@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -124,7 +125,10 @@ class FoldingTrainer:
         features = feature_config(config)
         msas = MsaDirectory(run.msa_dirs if run.msa_dirs is not None else DEFAULT_MSA_DIR)
         self.train_set = FoldingDataset(NpzChains(run.data, "train"), msas, features, seed=t.seed)
-        self.valid_set = FoldingDataset(NpzChains(run.data, "valid"), msas, features, seed=t.seed)
+        # Held-out chains are scored as predict.py would fold them: no BERT masking of the MSA (AF2 masks only
+        # in training) and no profile dropout (the sequence-only evaluation asks for that explicitly).
+        eval_features = dataclasses.replace(features, masked_msa_fraction=0.0, profile_dropout=0.0)
+        self.valid_set = FoldingDataset(NpzChains(run.data, "valid"), msas, eval_features, seed=t.seed)
         for dataset in (self.train_set, self.valid_set):  # a bad MSA fails here, on every rank, before any step
             dataset.check_msas()
         self.batches = FoldingBatches(self.train_set, t.batch_size, groups.rank_in("dp"), groups.size("dp"),
