@@ -127,7 +127,6 @@ class DataConfig:
     # Fraction of training examples whose MSA/profile information is removed (query row only, no profile), so
     # the model also learns to fold from a bare sequence, which is what ``predict.py --fasta`` alone gives it.
     profile_dropout: float = 0.0
-    eval_max_length: Optional[int] = None   # evaluate held-out chains whole up to this length (None: any)
 
 
 @dataclass
