@@ -169,6 +169,29 @@ def test_eval_examples_are_whole_and_fixed():
     assert not valid.eval_example(3, use_profile=False)["profile_mask"].any()
 
 
+def test_sequence_only_examples_are_what_a_bare_fasta_gives():
+    """Profile dropout and the sequence-only evaluation cut a chain's real MSA to its query and drop the profile:
+    the same msa_feat as prediction from the sequence alone."""
+    from megatron_protein.inference.predict import prediction_features
+
+    from megatron_protein.data.msa import Msa
+    from megatron_protein.inference.predict import Query
+    from megatron_protein.models.folding.config import preset
+
+    config = preset("tiny")
+    features = dataclasses.replace(SMALL, masked_msa_fraction=0.0, profile_dropout=0.0)  # as the trainer evaluates
+    valid = FoldingDataset(NpzChains(split="valid"), config=features, seed=7)
+    with_msa = next(i for i in range(len(valid)) if valid.msa_depth(i) > 1)
+    full, bare = valid.eval_example(with_msa), valid.eval_example(with_msa, use_profile=False)
+    assert full["msa_feat"].shape[0] > 1 and full["profile_mask"].all()
+    assert bare["msa_feat"].shape[0] == 1 and bare["extra_msa"].shape[0] == 0 and not bare["profile_mask"].any()
+    chain = valid.chains[with_msa]
+    predicted = prediction_features(Query("q", chain.sequence, "test"), Msa.single_sequence(chain.sequence, "q"),
+                                    config)
+    np.testing.assert_array_equal(bare["msa_feat"], predicted["msa_feat"][0].numpy())
+    np.testing.assert_array_equal(bare["target_feat"], predicted["target_feat"][0].numpy())
+
+
 # ---------------------------------------------------------------------------------------------- sources
 def test_msa_directory_and_bad_msa(tmp_path):
     chains = NpzChains(split="valid")

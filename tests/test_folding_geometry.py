@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from folding_helpers import CHAINS, random_rigid_motion
-from megatron_protein.inference.baselines import baseline_structure, ideal_backbone
+from megatron_protein.models.folding.baselines import baseline_structure, ideal_backbone
 from megatron_protein.models.folding.losses import backbone_fape, fape
 from megatron_protein.models.folding.structure_module import (InvariantPointAttention, StructureModule,
                                                               backbone_atoms, dihedral)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,21 @@ def test_command_line_run_and_bad_checkpoint_error(tmp_path, small_chains):
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path}") and "model.c_z: checkpoint 16" in lines[0]
+
+
+def test_a_bad_msa_stops_the_run_before_the_first_step(tmp_path, small_chains, capsys):
+    """An MSA whose query is another sequence: one error line naming the file, exit 2, no checkpoint written."""
+    from megatron_protein.training.folding_main import main as folding_main
+
+    chain_id = str(np.load(small_chains)["ids"][0])
+    msa_dir = tmp_path / "msas"
+    msa_dir.mkdir()
+    (msa_dir / f"{chain_id}.a3m").write_text(">query\nACDEFGHIK\n>hit\nACDEFGHIK\n")
+    model_dir = tmp_path / "model"
+    code = folding_main(["--model_dir", str(model_dir), "--data", small_chains, "--msa_dir", str(msa_dir),
+                         "--train_step", "2", "--override", "model.evoformer.num_blocks=1", "--no_plot",
+                         "--no_tensorboard"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and f"{chain_id}.a3m" in err and "Traceback" not in err, err
+    assert not (model_dir / "latest_checkpointed_iteration.txt").exists()

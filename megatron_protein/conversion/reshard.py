@@ -149,7 +149,7 @@ def _as_torch_state(inner, checkpoint: mc.MegatronCheckpoint, key: tuple[int, in
     """A mixed-precision or distributed optimizer's state (bf16/fp16 runs, ``--use-distributed-optimizer``: pieces
     of each named parameter, possibly in per-dp-rank shard files beside the partition) as the per-parameter torch
     AdamW state the resharding below moves; anything else unchanged."""
-    from megatron_protein.training import mixed_precision_optimizer as mpo
+    from megatron_protein.conversion import optimizer_state as mpo
 
     if not isinstance(inner, dict) or inner.get("format") != mpo.STATE_FORMAT:
         return inner

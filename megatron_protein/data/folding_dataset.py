@@ -269,6 +269,19 @@ class FoldingDataset:
     def __len__(self) -> int:
         return len(self.chains)
 
+    def check_msas(self) -> int:
+        """Parse every chain's MSA file and check its query against the chain (nothing is kept: the examples
+        read them again when they are built). Training calls it before its first step, on
+        every rank, so a bad MSA file stops every rank with the same error instead of one rank mid-run while the
+        others wait in a collective. Returns the number of chains that have an MSA file."""
+        found = 0
+        for i in range(len(self.chains)):
+            chain = self.chains[i]
+            if self.msas.path(chain.chain_id) is not None:
+                self.msas.get(chain.chain_id, chain.sequence)
+                found += 1
+        return found
+
     def chain_id(self, i: int) -> str:
         return self.chains[i].chain_id
 

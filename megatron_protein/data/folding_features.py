@@ -8,8 +8,8 @@ to one training example (its ``ensembled`` transforms, one ensemble member):
 2. Targets: ``all_atom_positions``/``all_atom_mask`` (atom37), ``backbone_rigid_tensor``/``backbone_rigid_mask``
    (the frame of N, CA, C by Algorithm 21, through :class:`megatron_protein.structure.rigid.Rigid`),
    ``pseudo_beta``/``pseudo_beta_mask`` (CB, CA for glycine; used by the distogram, 1.9.8).
-3. MSA sampling (1.2.7 and Algorithm 1's ``MSA clustering``): the query stays row 0; the other rows are shuffled;
-   the first ``max_msa_clusters`` rows are the cluster centres; the rest is the extra MSA.
+3. MSA sampling and clustering (1.2.7; Algorithm 1, MSABlockDeletion, is not built): the query stays row 0; the
+   other rows are shuffled; the first ``max_msa_clusters`` rows are the cluster centres; the rest is the extra MSA.
 4. Masked MSA (1.2.7, BERT-style): 15% of the centres' entries are replaced; a replaced entry becomes the mask
    token (22) with probability 0.7, a uniformly random amino acid with 0.1, a residue drawn from the MSA's profile
    with 0.1, and stays unchanged with 0.1. ``true_msa`` keeps the originals, ``bert_mask`` marks the replaced
@@ -34,8 +34,10 @@ offered two ways: the ``profile`` feature (``[L, 20]``, with ``profile_mask`` [L
 when the MSA holds only the query (single-sequence mode), as the query cluster's ``cluster_profile`` (channels
 0-19 of that block; X, gap and mask 0), because a cluster profile is the residue distribution of a cluster's
 homologues, which is what the profile estimates, so the AlphaFold2 input path carries it with no new weights.
-With probability ``profile_dropout`` a training example gets neither (``profile`` zeros, ``profile_mask`` 0), so
-the model also learns to fold from the sequence alone. See docs/folding_data.md.
+With probability ``profile_dropout`` a training example is sequence-only: its MSA is cut to the query row and it
+gets no profile (``profile`` zeros, ``profile_mask`` 0, the query's cluster profile its one-hot), exactly what
+``folding/predict.py --fasta`` gives the model without an MSA, so the model also learns to fold from the sequence
+alone. See docs/folding_data.md.
 
 Every random choice takes a ``numpy.random.Generator``: the same generator state gives the same example.
 """
@@ -338,11 +340,17 @@ def make_example(
     ``aatype`` in row 0 up to X); ``targets``: ``all_atom_positions``/``all_atom_mask`` plus
     :func:`structure_targets` (None for prediction without a structure); ``profile``: [L, 20] restype order or
     None; ``crop``: random contiguous crop to ``config.crop_size`` (training) or the whole chain (evaluation);
-    ``drop_profile``: None draws it with ``config.profile_dropout``, True/False forces it.
+    ``drop_profile``: the example is *sequence-only*, what a bare FASTA gives at prediction: the MSA cut to its
+    query row and no profile. None draws it with ``config.profile_dropout`` (first, before any other draw), True /
+    False forces it.
     """
     length = len(sequence_feats["aatype"])
     if msa_feats["msa"].shape[1] != length:
         raise ValueError(f"MSA has {msa_feats['msa'].shape[1]} columns; expected {length}, the chain's length")
+    if drop_profile is None:
+        drop_profile = bool(config.profile_dropout > 0 and rng.random() < config.profile_dropout)
+    if drop_profile:  # what a bare FASTA gives the model: the query row alone and no profile
+        msa_feats = {key: value[:1] for key, value in msa_feats.items()}
     features: Features = {**sequence_feats, **msa_feats}
     if targets is not None:
         features.update(targets)
@@ -355,11 +363,8 @@ def make_example(
     for key in ("msa", "deletion_matrix", "msa_mask"):
         features[f"extra_{key}"] = features[f"extra_{key}"][: config.max_extra_msa]
 
-    have_profile = profile is not None
+    have_profile = profile is not None and not drop_profile
     if have_profile:
-        if drop_profile is None:
-            drop_profile = bool(rng.random() < config.profile_dropout)
-        have_profile = not drop_profile
         profile = np.asarray(profile, np.float32)
         if profile.shape != (length, 20):
             raise ValueError(f"profile has shape {profile.shape}; expected ({length}, 20)")

@@ -159,3 +159,6 @@ def model_parallel_seed(seed: int, groups: Optional[scg.ParallelGroups] = None) 
     _TRACKER.reset(pg.device)
     _TRACKER.add(MODEL_PARALLEL_RNG, model_parallel)
     return ParallelSeeds(default=default, model_parallel=model_parallel)
+
+
+scg.install_seeder(model_parallel_seed)  # what scg.init_process_group(..., seed=S) calls

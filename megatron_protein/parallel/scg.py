@@ -31,7 +31,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -296,11 +296,24 @@ def check_folding_degrees(degrees: dict[str, int], seed: Optional[int]) -> None:
         raise ParallelConfigError(f"seed must be a non-negative integer, got {seed!r}")
 
 
+#: Seeds a rank's generators from (seed, groups): ``random.model_parallel_seed``, installed by
+#: ``megatron_protein.parallel.random`` when it is imported (the package's ``__init__`` always imports it). The
+#: group builder knows nothing of generators; the RNG module, which builds on the groups, plugs itself in here.
+_seeder: Optional[Callable[[int, "ParallelGroups"], object]] = None
+
+
+def install_seeder(seeder: Callable[[int, "ParallelGroups"], object]) -> None:
+    """Called once by ``megatron_protein.parallel.random``: what ``init_process_group(..., seed=S)`` calls."""
+    global _seeder
+    _seeder = seeder
+
+
 def _seed(seed: Optional[int], pg: ParallelGroups) -> None:
     if seed is None:
         return
-    from megatron_protein.parallel.random import model_parallel_seed  # random imports this module
-    model_parallel_seed(seed, pg)
+    if _seeder is None:  # pragma: no cover - megatron_protein.parallel's __init__ imports random first
+        raise RuntimeError("megatron_protein.parallel.random is not imported; import megatron_protein.parallel")
+    _seeder(seed, pg)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from megatron_protein.models.folding.config import PRESETS, ConfigError, FoldingConfig, preset
 
@@ -49,6 +49,8 @@ class RunOptions:
 
     model_dir: str
     data: str = DEFAULT_DATA
+    #: Folders of ``<chain id>.a3m`` (or ``.a3m.gz``, ``.sto``) MSAs, first match wins; None: the embedded ones.
+    msa_dirs: Optional[List[str]] = None
     init_model: Optional[str] = None
     chunk_size: Optional[int] = None
     eval_max_chains: Optional[int] = None
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_dropout", action="store_true", help="set every dropout rate to 0")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=DEFAULT_DATA, help="chains .npz (data/structures format) with train/valid split")
+    d.add_argument("--msa_dir", nargs="+", default=None, metavar="DIR",
+                   help="folders of <chain id>.a3m MSAs, first match wins (default: data/structures/msas); chains "
+                        "without one train in single-sequence mode")
     d.add_argument("--crop_size", type=int, default=None, help="residues per training crop")
     d.add_argument("--max_msa_clusters", type=int, default=None, help="MSA cluster rows per example")
     d.add_argument("--max_extra_msa", type=int, default=None, help="extra-MSA rows per example")
@@ -140,7 +145,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
         parser.error(f"--chunk_size must be positive, got {args.chunk_size}")
     if args.dap_degree < 1 or args.bp_degree not in (1, 2):
         parser.error(f"--dap_degree must be >= 1 and --bp_degree 1 or 2, got {args.dap_degree} and {args.bp_degree}")
-    run = RunOptions(model_dir=os.path.abspath(args.model_dir), data=args.data,
+    run = RunOptions(model_dir=os.path.abspath(args.model_dir), data=args.data, msa_dirs=args.msa_dir,
                      init_model=args.init_model, chunk_size=args.chunk_size, eval_max_chains=args.eval_max_chains,
                      exit_step=args.exit_step,
                      num_workers=args.num_workers, plot=not args.no_plot, tensorboard=not args.no_tensorboard,

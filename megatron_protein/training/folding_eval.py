@@ -3,7 +3,7 @@
 Each held-out chain is predicted whole (no crop) with ``max_recycling_iters`` recycles and scored on C-alpha by the
 project's metrics (:mod:`megatron_protein.structure.metrics`): lDDT-Calpha (superposition-free, 15 A inclusion
 radius) and TM-score (normalised by the chain's length). The same two numbers are computed for an ideal
-alpha-helix and an extended strand of the same sequence length (:mod:`megatron_protein.inference.baselines`), so
+alpha-helix and an extended strand of the same sequence length (:mod:`megatron_protein.models.folding.baselines`), so
 "the model learnt to fold" has a concrete meaning: its means over the chains are above both baselines'.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from megatron_protein.data.folding_dataset import FoldingDataset, collate_features
-from megatron_protein.inference.baselines import CONFORMATIONS, baseline_structure
+from megatron_protein.models.folding.baselines import CONFORMATIONS, baseline_structure
 from megatron_protein.structure import metrics
 from megatron_protein.structure import residue_constants as rc
 

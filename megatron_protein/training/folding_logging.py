@@ -132,7 +132,8 @@ class FoldingLogger:
         return record
 
     def evaluation(self, step: int, summary: dict) -> None:
-        """Write one evaluation record (means over held-out chains) to metrics.jsonl and TensorBoard."""
+        """Write one evaluation record (means over held-out chains) to metrics.jsonl and TensorBoard, under its
+        ``split`` (``valid`` unless ``summary`` names another, e.g. ``valid_sequence_only``)."""
         if not self.is_writer:
             return
         record = {"split": "valid", "step": step, **{k: v for k, v in summary.items() if not isinstance(v, list)}}
@@ -140,7 +141,7 @@ class FoldingLogger:
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("split", "step") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"valid/{key}", value, step)
+                    self.writer.add_scalar(f"{record['split']}/{key}", value, step)
             self.writer.flush()
 
     def close(self) -> None:

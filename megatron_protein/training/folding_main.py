@@ -55,6 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from megatron_protein.data.folding_dataset import FoldingDataError
+    from megatron_protein.data.msa import MsaError
     from megatron_protein.parallel import dap, scg
     from megatron_protein.training.checkpointing import CheckpointError
     from megatron_protein.training.folding_trainer import FoldingTrainer, FoldingTrainingError
@@ -72,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (scg.ParallelConfigError, dap.DAPHookError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, FoldingDataError) as exc:
+    except (CheckpointError, FoldingDataError, MsaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FoldingTrainingError as exc:

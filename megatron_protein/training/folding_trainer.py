@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from megatron_protein.data.folding_dataset import (DEFAULT_MSA_DIR, FoldingBatches, FoldingDataset, NpzChains)
+from megatron_protein.data.folding_dataset import (DEFAULT_MSA_DIR, FoldingBatches, FoldingDataset, MsaDirectory,
+                                                   NpzChains)
 from megatron_protein.data.folding_features import FeatureConfig
 from megatron_protein.models.folding.config import FoldingConfig, architecture_differences
 from megatron_protein.models.folding.losses import alphafold_loss
@@ -121,8 +123,14 @@ class FoldingTrainer:
         self.scheduler = LRScheduler(self.optimizer, t.lr, t.min_lr, t.warmup_steps,
                                      max(t.train_step, t.warmup_steps), t.lr_decay_style)
         features = feature_config(config)
-        self.train_set = FoldingDataset(NpzChains(run.data, "train"), DEFAULT_MSA_DIR, features, seed=t.seed)
-        self.valid_set = FoldingDataset(NpzChains(run.data, "valid"), DEFAULT_MSA_DIR, features, seed=t.seed)
+        msas = MsaDirectory(run.msa_dirs if run.msa_dirs is not None else DEFAULT_MSA_DIR)
+        self.train_set = FoldingDataset(NpzChains(run.data, "train"), msas, features, seed=t.seed)
+        # Held-out chains are scored as predict.py would fold them: no BERT masking of the MSA (AF2 masks only
+        # in training) and no profile dropout (the sequence-only evaluation asks for that explicitly).
+        eval_features = dataclasses.replace(features, masked_msa_fraction=0.0, profile_dropout=0.0)
+        self.valid_set = FoldingDataset(NpzChains(run.data, "valid"), msas, eval_features, seed=t.seed)
+        for dataset in (self.train_set, self.valid_set):  # a bad MSA fails here, on every rank, before any step
+            dataset.check_msas()
         self.batches = FoldingBatches(self.train_set, t.batch_size, groups.rank_in("dp"), groups.size("dp"),
                                       num_workers=run.num_workers)
         self.step = 0
@@ -286,9 +294,10 @@ class FoldingTrainer:
                  result.seconds, result.seconds_per_step)
 
         final = self.evaluate(keep_predictions=1)
-        log.evaluation(self.step, _public(final))
         sequence_only = self.evaluate(use_profile=False)
-        log.evaluation(self.step, {**_public(sequence_only), "split": "valid_sequence_only"})
+        if trained:  # a rerun of a finished run re-evaluates (printed, eval_final.json) but adds no history lines
+            log.evaluation(self.step, _public(final))
+            log.evaluation(self.step, {**_public(sequence_only), "split": "valid_sequence_only"})
         result.final, result.final_sequence_only = final, sequence_only
         log.info("held-out chains (%d, evaluated whole, %d recycles), means over chains:\n%s",
                  final["num_chains"], cfg.model.max_recycling_iters,

@@ -45,19 +45,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_protein.conversion.optimizer_state import (STATE_FORMAT, STATE_VERSION, OptimizerStateError,  # noqa: F401
+                                                        merged_ranges, torch_adamw_state_by_order)
 from megatron_protein.parallel import scg
 from megatron_protein.parallel.dp import DataParallel
 from megatron_protein.parallel.fused_params import FlatBuffer
 from megatron_protein.training.optimizer import OptimConfig, _owned_by_this_rank, weight_decay_group
-
-#: ``format`` of :meth:`MixedPrecisionOptimizer.state_dict` (so a reader can tell it from a torch optimizer's).
-STATE_FORMAT = "megatron_protein.mixed_precision_optimizer"
-STATE_VERSION = 1
-
-
-class OptimizerStateError(ValueError):
-    """A saved optimizer state does not fit this optimizer (other parameters, shapes or an incomplete shard set)."""
-
 
 @dataclass
 class _Piece:
@@ -87,16 +80,6 @@ class _Chunk:
     pieces: list[_Piece] = field(default_factory=list)
     norm_ranges: list[tuple[int, int]] = field(default_factory=list)    # chunk-local, counted in the norm
     other_ranges: list[tuple[int, int]] = field(default_factory=list)   # chunk-local, checked for finiteness only
-
-
-def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and out[-1][1] == a:
-            out[-1][1] = b
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
 
 
 class MixedPrecisionOptimizer:
@@ -180,7 +163,7 @@ class MixedPrecisionOptimizer:
                 continue
             chunk.pieces.append(_Piece(name, param, a - offset, b - offset, a - lo))
             (counted if _owned_by_this_rank(param, self.groups) else other).append((a - lo, b - lo))
-        chunk.norm_ranges, chunk.other_ranges = _merged(counted), _merged(other)
+        chunk.norm_ranges, chunk.other_ranges = merged_ranges(counted), merged_ranges(other)
         return chunk
 
     # ------------------------------------------------------------------------------------------ what torch sees
@@ -363,7 +346,7 @@ class MixedPrecisionOptimizer:
                     saved.setdefault(name, []).append((lo, hi))
         for chunk in self.chunks:
             for piece in chunk.pieces:
-                covered = _merged([(max(a, piece.param_lo), min(b, piece.param_hi))
+                covered = merged_ranges([(max(a, piece.param_lo), min(b, piece.param_hi))
                                    for a, b in saved.get(piece.name, ()) if a < piece.param_hi and b > piece.param_lo])
                 if covered != [(piece.param_lo, piece.param_hi)]:
                     raise OptimizerStateError(
@@ -470,7 +453,7 @@ def torch_adamw_state_from_pieces(states: list[dict], optimizer: torch.optim.Opt
                 exp_avg[lo:hi].copy_(a)
                 exp_avg_sq[lo:hi].copy_(b)
                 covered.append((lo, hi))
-            if _merged(covered) != [(0, p.numel())]:
+            if merged_ranges(covered) != [(0, p.numel())]:
                 raise OptimizerStateError(f"the saved optimizer shards do not cover all of {name!r}")
             torch_state[index] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg.view(p.shape).to(p.dtype),
                                   "exp_avg_sq": exp_avg_sq.view(p.shape).to(p.dtype)}
@@ -495,39 +478,3 @@ def build_data_parallel(model: nn.Module, groups: scg.ParallelGroups, overlap_gr
                             own_bucket=lambda name, p: id(p) in tied_ids)
     return DataParallel(model, groups, overlap_grad_reduce=overlap_grad_reduce, fused=fused,
                         use_distributed_optimizer=use_distributed_optimizer)
-
-
-def torch_adamw_state_by_order(states: list[dict], model_state: dict[str, torch.Tensor], order: list[str],
-                               no_decay) -> dict:
-    """The saved shards of a :class:`MixedPrecisionOptimizer` as one ``torch.optim.AdamW`` ``state_dict`` of the
-    parameters ``model_state`` (name -> tensor, for the shapes), numbered as the pretraining's torch AdamW numbers
-    them: the ``decay`` group then the ``no_decay`` one (``no_decay(name, tensor)``), each in ``order``. What the
-    reshard tool carries to other TP/PP degrees. Every parameter must be covered whole."""
-    by_name: dict[str, list] = {}
-    for state in states:
-        for name, entries in state["pieces"].items():
-            by_name.setdefault(name, []).extend(entries)
-    step = int(states[0]["step"])
-    settings = {g.get("name"): {k: v for k, v in g.items() if k != "params"} for g in states[0]["param_groups"]}
-    torch_state, param_groups, index = {}, [], 0
-    for kind in ("decay", "no_decay"):
-        names = [n for n in order if (kind == "no_decay") == bool(no_decay(n, model_state[n]))]
-        if not names:
-            continue
-        indices = []
-        for name in names:
-            numel = model_state[name].numel()
-            exp_avg, exp_avg_sq, covered = torch.zeros(numel), torch.zeros(numel), []
-            for lo, hi, a, b in by_name.get(name, ()):
-                exp_avg[lo:hi].copy_(a)
-                exp_avg_sq[lo:hi].copy_(b)
-                covered.append((lo, hi))
-            if _merged(covered) != [(0, numel)]:
-                raise OptimizerStateError(f"the saved optimizer shards do not cover all of {name!r}")
-            shape = model_state[name].shape
-            torch_state[index] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg.view(shape),
-                                  "exp_avg_sq": exp_avg_sq.view(shape)}
-            indices.append(index)
-            index += 1
-        param_groups.append({**settings.get(kind, {"name": kind}), "params": indices})
-    return {"state": torch_state, "param_groups": param_groups}

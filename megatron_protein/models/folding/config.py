@@ -3,7 +3,7 @@
 ``FoldingConfig`` groups the settings by concern (``model``, ``data``, ``loss``, ``train``); every field is a plain
 number, string or bool, so a config round-trips through :meth:`FoldingConfig.to_dict` / :meth:`from_dict` into a
 checkpoint and back, and any single value can be overridden from the command line with a dotted path
-(``--config model.evoformer.num_blocks=4``; see :meth:`FoldingConfig.override`).
+(``--override model.evoformer.num_blocks=4``; see :meth:`FoldingConfig.override`).
 
 Presets (:func:`preset`):
 
@@ -129,7 +129,6 @@ class DataConfig:
     # Fraction of training examples whose MSA/profile information is removed (query row only, no profile), so
     # the model also learns to fold from a bare sequence, which is what ``predict.py --fasta`` alone gives it.
     profile_dropout: float = 0.0
-    eval_max_length: Optional[int] = None   # evaluate held-out chains whole up to this length (None: any)
 
 
 @dataclass
