@@ -115,3 +115,31 @@ def test_aux_loss_warmup_factor():
     cfg = micro_config(loss__aux_warmup_start=10, loss__aux_warmup_steps=4)
     assert [aux_loss_factor(cfg, s) for s in (0, 9, 10, 13, 14, 100)] == [0.0, 0.0, 0.2, 0.8, 1.0, 1.0]
     assert aux_loss_factor(micro_config(), 0) == 1.0 and aux_loss_factor(cfg, None) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["helix", "extended"])
+def test_structure_module_can_start_from_an_ideal_chain(kind):
+    """``initial_frames``: a fresh module (zero-initialised backbone update) returns exactly the baseline chain of
+    that kind (same CA-CA distances as models.folding.baselines), centred; 'identity' is AF2's black hole."""
+    import numpy as np
+
+    from megatron_protein.models.folding.baselines import baseline_structure
+    from megatron_protein.structure import metrics
+
+    cfg = micro_config(model__structure_module__initial_frames=kind)
+    batch = real_batch(cfg)
+    with torch.no_grad():
+        out = AlphaFold(cfg).eval()(batch, num_recycles=0)
+    aatype = batch["aatype"][0].numpy()
+    ca = out["positions"][0, :, 1].numpy()
+    expected, _ = baseline_structure(aatype, kind)
+    d_pred = np.linalg.norm(ca[:, None] - ca[None], axis=-1)
+    d_true = np.linalg.norm(expected[:, None, 1] - expected[None, :, 1], axis=-1)
+    assert np.abs(d_pred - d_true).max() < 1e-3
+    assert np.abs(ca.mean(0)).max() < 1e-3
+    assert metrics.lddt_ca(ca, expected[:, 1]) == pytest.approx(1.0)
+    identity = micro_config()
+    assert identity.model.structure_module.initial_frames == "identity"
+    with torch.no_grad():
+        black_hole = AlphaFold(identity).eval()(batch, num_recycles=0)
+    assert float(black_hole["positions"][0, :, 1].abs().max()) < 1e-5

@@ -1,6 +1,6 @@
-"""PNG plots of a folding run: the loss terms over the steps (from ``metrics.jsonl``) and, for one held-out chain,
-the predicted pLDDT along the chain beside the true per-residue lDDT-Calpha of the prediction (how well the model
-knows where it is right)."""
+"""PNG plots of a folding run: the loss terms over the steps (from ``metrics.jsonl``), each held-out chain's
+lDDT-Calpha beside the ideal helix's, and, for one held-out chain, the predicted pLDDT along the chain beside the
+true per-residue lDDT-Calpha of the prediction (how well the model knows where it is right)."""
 from __future__ import annotations
 
 import os
@@ -67,10 +67,45 @@ def plot_plddt(prediction: dict, out_path: str) -> str:
     return out_path
 
 
+def plot_heldout_vs_helix(final_summary: dict, out_path: str) -> Optional[str]:
+    """Per held-out chain: the model's lDDT-Calpha against the ideal helix's of the same length (left, one point per
+    chain, above the diagonal = better than the helix), and both along the chains sorted by length (right)."""
+    chains = final_summary.get("chains") or []
+    if not chains or "helix_lddt_ca" not in chains[0]:
+        return None
+    plt = _pyplot()
+    model = np.array([c["lddt_ca"] for c in chains])
+    helix = np.array([c["helix_lddt_ca"] for c in chains])
+    strand = np.array([c.get("extended_lddt_ca", np.nan) for c in chains])
+    lengths = np.array([c["length"] for c in chains])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    top = max(0.6, float(np.nanmax([model.max(), helix.max()])) + 0.05)
+    axes[0].scatter(helix, model, s=18)
+    axes[0].plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1)
+    axes[0].set(xlim=(0, top), ylim=(0, top), xlabel="ideal alpha-helix lDDT-Ca", ylabel="model lDDT-Ca",
+                title=f"{int((model > helix).sum())} of {len(chains)} chains above the helix")
+    order = np.argsort(lengths, kind="stable")
+    x = np.arange(len(chains))
+    axes[1].bar(x - 0.2, model[order], width=0.4, label=f"model (mean {model.mean():.3f})")
+    axes[1].bar(x + 0.2, helix[order], width=0.4, label=f"ideal helix (mean {helix.mean():.3f})", alpha=0.7)
+    axes[1].plot(x, strand[order], "k.", label=f"extended strand (mean {np.nanmean(strand):.3f})")
+    axes[1].set_xticks(x, [str(v) for v in lengths[order]], rotation=90, fontsize=7)
+    axes[1].set(xlabel="held-out chain (by length)", ylabel="lDDT-Ca", title="held-out chains, evaluated whole")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 def plot_run(model_dir: str, final_summary: dict) -> list[str]:
-    """Both plots into ``model_dir`` (``loss_curve.png``, ``plddt_<chain>.png``); returns the paths written."""
+    """The plots into ``model_dir`` (``loss_curve.png``, ``heldout_lddt.png``, ``plddt_<chain>.png``); returns the
+    paths written."""
     written = []
     path = plot_losses(os.path.join(model_dir, METRICS_FILENAME), os.path.join(model_dir, "loss_curve.png"))
+    if path:
+        written.append(path)
+    path = plot_heldout_vs_helix(final_summary, os.path.join(model_dir, "heldout_lddt.png"))
     if path:
         written.append(path)
     for prediction in final_summary.get("predictions", [])[:1]:

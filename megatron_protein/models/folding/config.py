@@ -79,6 +79,8 @@ class StructureModuleConfig:
     num_transition_layers: int = 1  # each: Linear-ReLU-Linear-ReLU-Linear (the supplement's "3 layers")
     dropout: float = 0.1
     position_scale: float = 10.0    # translations inside the module are in nm; x10 gives Angstrom
+    # Frames the first layer starts from: 'identity' (AF2's black hole) or an ideal 'extended' / 'helix' chain.
+    initial_frames: str = "identity"
 
 
 @dataclass
@@ -221,6 +223,9 @@ class FoldingConfig:
             if position not in ("middle", "end", "first"):
                 raise ConfigError(f"model.{section}.outer_product_mean_position must be middle, end or first, "
                                   f"got {position!r}")
+        if m.structure_module.initial_frames not in ("identity", "extended", "helix"):
+            raise ConfigError("model.structure_module.initial_frames must be identity, extended or helix, got "
+                              f"{m.structure_module.initial_frames!r}")
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16, got {t.precision!r}")
         if t.lr_decay_style not in ("constant", "linear", "cosine"):

@@ -60,7 +60,8 @@ class AlphaFold(torch.nn.Module):
         sm = m.structure_module
         self.structure_module = StructureModule(m.c_s, m.c_z, sm.c_ipa, sm.num_heads_ipa, sm.num_qk_points,
                                                 sm.num_v_points, sm.num_layers, sm.num_transition_layers,
-                                                sm.dropout, sm.position_scale, fused=fused)
+                                                sm.dropout, sm.position_scale, fused=fused,
+                                                initial_frames=sm.initial_frames)
         h = m.heads
         self.distogram_head = DistogramHead(m.c_z, h.distogram_bins)
         self.masked_msa_head = MaskedMSAHead(m.c_m)

@@ -221,6 +221,29 @@ def backbone_atoms(frames: Rigid, aatype: torch.Tensor, residue_index: Optional[
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Starting frames
+# ---------------------------------------------------------------------------------------------------------------
+
+#: ``identity``: AF2's "black hole" start (every residue at the origin, supplement 1.8.1). ``extended`` / ``helix``:
+#: the backbone frames of the extended strand / ideal alpha-helix of :mod:`megatron_protein.models.folding.baselines`,
+#: centred on their centroid (not AF2; docs/folding_tiny.md).
+INITIAL_FRAMES = ("identity", "extended", "helix")
+
+_CHAIN_CACHE: dict[tuple[int, str], Rigid] = {}
+
+
+def ideal_chain_frames(length: int, kind: str, device) -> Rigid:
+    """Backbone frames ``[length]`` (Angstrom) of an ideal chain of constant dihedrals, centred at the origin."""
+    key = (int(length), kind)
+    if key not in _CHAIN_CACHE:
+        from megatron_protein.models.folding.baselines import CONFORMATIONS, ideal_backbone  # (imports this module)
+        xyz = torch.from_numpy(ideal_backbone(int(length), *CONFORMATIONS[kind])).float()
+        xyz = xyz - xyz[:, 1].mean(0)
+        _CHAIN_CACHE[key] = Rigid.from_3_points(xyz[:, 0], xyz[:, 1], xyz[:, 2])
+    return _CHAIN_CACHE[key].to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -235,8 +258,11 @@ class StructureModule(torch.nn.Module):
 
     def __init__(self, c_s: int, c_z: int, c_ipa: int, num_heads_ipa: int, num_qk_points: int, num_v_points: int,
                  num_layers: int, num_transition_layers: int, dropout: float, position_scale: float,
-                 fused: bool = True):
+                 fused: bool = True, initial_frames: str = "identity"):
         super().__init__()
+        if initial_frames not in INITIAL_FRAMES:
+            raise ValueError(f"initial_frames must be one of {', '.join(INITIAL_FRAMES)}, got {initial_frames!r}")
+        self.initial_frames = initial_frames
         self.num_layers = num_layers
         self.position_scale = position_scale
         self.layer_norm_s = LayerNorm(c_s, fused=fused)
@@ -248,6 +274,13 @@ class StructureModule(torch.nn.Module):
         self.transition = StructureModuleTransition(c_s, num_transition_layers, dropout, fused=fused)
         self.backbone_update = BackboneUpdate(c_s)
 
+    def start_frames(self, shape: torch.Size, device) -> Rigid:
+        """Algorithm 20 line 4: identity frames (AF2), or the frames of an ideal chain (``initial_frames``)."""
+        if self.initial_frames == "identity":
+            return Rigid.identity(shape, dtype=torch.float32, device=device)
+        chain = ideal_chain_frames(shape[-1], self.initial_frames, device).scale_translation(1.0 / self.position_scale)
+        return Rigid(chain.rots.expand(*shape, 3, 3), chain.trans.expand(*shape, 3))
+
     def forward(self, s: torch.Tensor, z: torch.Tensor, aatype: torch.Tensor, seq_mask: torch.Tensor,
                 residue_index: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         with torch.autocast(device_type=s.device.type, enabled=False):
@@ -255,7 +288,7 @@ class StructureModule(torch.nn.Module):
             s = self.layer_norm_s(s)                                      # line 1: s_initial
             z = self.layer_norm_z(z)                                      # line 2
             s = self.linear_in(s)                                         # line 3
-            frames = Rigid.identity(s.shape[:-1], dtype=s.dtype, device=s.device)   # line 4
+            frames = self.start_frames(s.shape[:-1], s.device)                      # line 4
             per_layer = []
             for layer in range(self.num_layers):                          # lines 5-21, weights shared
                 s = s + self.ipa(s, z, frames, seq_mask)                  # line 6
