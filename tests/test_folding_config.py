@@ -82,3 +82,38 @@ def test_bad_flag_values_exit_with_a_message(capsys):
         parse_args(["--override", "model.nope=1"])
     assert exc.value.code == 2
     assert "unknown config field 'model.nope'" in capsys.readouterr().err
+
+
+def test_the_presets_table_in_docs_is_the_code():
+    """Every row of docs/folding.md's presets table (``| `a.b` / `c` | tiny | initial_training | finetuning |``)
+    holds the values the presets have, so the table cannot drift from config.py."""
+    import os
+    import re
+
+    docs = os.path.join(os.path.dirname(__file__), "..", "docs", "folding.md")
+    configs = [preset(name).to_dict() for name in ("tiny", "initial_training", "finetuning")]
+
+    def lookup(config, dotted):
+        for key in dotted.split("."):
+            config = config[key]
+        return config
+
+    rows = 0
+    for line in open(docs):
+        if not line.startswith("| `") or line.count("|") != 5:
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        names = re.findall(r"`([^`]+)`", cells[0])
+        if "." not in names[0]:
+            continue
+        prefix = names[0].rsplit(".", 1)[0]
+        fields = [names[0]] + [f"{prefix}.{n}" for n in names[1:]]
+        for column, config in enumerate(configs):
+            written = re.split(r" / | x ", re.sub(r" \(.*\)", "", cells[1 + column]))
+            actual = [lookup(config, f) for f in fields]
+            assert len(written) == len(actual), (line, written, actual)
+            for value, text in zip(actual, written):
+                same = str(value) == text or (isinstance(value, float) and float(text) == value)
+                assert same, f"docs/folding.md: {fields} column {column + 1} says {text}, the preset has {value}"
+        rows += 1
+    assert rows >= 45

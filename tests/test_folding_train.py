@@ -127,6 +127,8 @@ def test_command_line_run_and_bad_checkpoint_error(tmp_path, small_chains):
     assert any(name.startswith("plddt_") and name.endswith(".png") for name in os.listdir(tmp_path))
     summary = json.load(open(tmp_path / "eval_final.json"))
     assert {"lddt_ca", "tm_score", "helix_lddt_ca", "extended_tm_score"} <= set(summary["with_profile"])
+    assert summary["against_helix"]["sequence_only"]["num_chains"] == 1
+    assert "above the helix on" in done.stdout and (tmp_path / "heldout_lddt.png").stat().st_size > 0
     bad = subprocess.run(common[:-4] + ["--override", "model.c_z=8", "--crop_size", "24"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert bad.returncode == 2
@@ -150,3 +152,25 @@ def test_a_bad_msa_stops_the_run_before_the_first_step(tmp_path, small_chains, c
     assert code == 2, err
     assert err.startswith("error: ") and f"{chain_id}.a3m" in err and "Traceback" not in err, err
     assert not (model_dir / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_paired_comparison_with_the_helix():
+    """Counts of chains above the helix and the one-sided Wilcoxon p-value, against scipy on the same pairs; a model
+    equal to the baseline on every chain gets p = 1 and no chain above it."""
+    from scipy.stats import wilcoxon
+
+    from megatron_protein.training.folding_eval import compare_with_baseline, format_summary
+
+    rng = np.random.default_rng(0)
+    helix = rng.uniform(0.1, 0.5, size=12)
+    model = helix + np.r_[np.full(9, 0.05), np.full(3, -0.02)] + rng.normal(0, 0.001, size=12)
+    chains = [{"lddt_ca": m, "tm_score": h, "helix_lddt_ca": h, "helix_tm_score": h,
+               "extended_lddt_ca": 0.1, "extended_tm_score": 0.1} for m, h in zip(model, helix)]
+    summary = {"chains": chains, "lddt_ca": model.mean(), "tm_score": helix.mean(), "helix_lddt_ca": helix.mean(),
+               "helix_tm_score": helix.mean(), "extended_lddt_ca": 0.1, "extended_tm_score": 0.1}
+    out = compare_with_baseline(summary, "helix")
+    assert out["num_chains"] == 12 and out["chains_above_helix_lddt_ca"] == 9
+    assert out["wilcoxon_p_above_helix_lddt_ca"] == pytest.approx(wilcoxon(model, helix, alternative="greater").pvalue)
+    assert out["wilcoxon_p_above_helix_lddt_ca"] < 0.05
+    assert out["chains_above_helix_tm_score"] == 0 and out["wilcoxon_p_above_helix_tm_score"] == 1.0
+    assert "above the helix on 9 of 12 chains by lDDT-Ca" in format_summary([("model", summary)])

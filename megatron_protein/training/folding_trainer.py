@@ -42,7 +42,7 @@ from megatron_protein.parallel import bp, collectives, dap, dp, scg
 from megatron_protein.parallel.fused_params import fuse_param_groups
 from megatron_protein.training import checkpointing
 from megatron_protein.training.folding_arguments import RunOptions
-from megatron_protein.training.folding_eval import evaluate, format_summary
+from megatron_protein.training.folding_eval import compare_with_baseline, evaluate, format_summary
 from megatron_protein.training.folding_logging import FoldingLogger, logger
 from megatron_protein.training.optimizer import LRScheduler, clip_grad_norm, grad_norm
 
@@ -306,6 +306,8 @@ class FoldingTrainer:
             write_json(os.path.join(run.model_dir, "eval_final.json"),
                        {"step": self.step, "with_profile": _public(final) | {"chains": final["chains"]},
                         "sequence_only": _public(sequence_only) | {"chains": sequence_only["chains"]},
+                        "against_helix": {"with_profile": compare_with_baseline(final, "helix"),
+                                          "sequence_only": compare_with_baseline(sequence_only, "helix")},
                         "train_seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
                         "config": cfg.to_dict()})
             if run.plot:

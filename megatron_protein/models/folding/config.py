@@ -150,9 +150,9 @@ class LossConfig:
     plddt_weight: float = 0.01
     plddt_cutoff: float = 15.0      # lDDT inclusion radius (Angstrom)
     # Warm-up of the distogram and masked-MSA weights: 0 until step ``aux_warmup_start``, then linearly to full
-    # weight over ``aux_warmup_steps`` (0 and 0: AF2, full weight from the start). Measured on the tiny model:
-    # from the first step, their gradients drive the trunk before FAPE's reach it (the structure module starts
-    # as the identity) and the structure module never leaves its initial collapsed state (docs/folding.md).
+    # weight over ``aux_warmup_steps`` (0 and 0: AF2, full weight from the start). Not in AF2 and off in every
+    # preset: an option for small models whose auxiliary heads take the trunk's gradient from FAPE early on; the
+    # tiny preset drops the masked-MSA loss instead (docs/folding_tiny.md has the measurements).
     aux_warmup_start: int = 0
     aux_warmup_steps: int = 0
 
@@ -387,12 +387,23 @@ def finetuning() -> FoldingConfig:
 
 
 def tiny() -> FoldingConfig:
-    """Trains on 2 CPU cores in about ten minutes (``bash scripts/train_folding.sh``); see docs/folding.md for the
-    measurements behind each choice."""
+    """Trains on one CPU core in about 9 minutes (``bash scripts/train_folding.sh``) and ends above the ideal helix
+    and the extended strand on the 40 held-out chains (mean lDDT-Calpha 0.31 against 0.26 and 0.12).
+    docs/folding_tiny.md has the measurements behind each choice; the departures from AlphaFold2's training set-up,
+    each measured there by one run without it, are:
+
+    - FAPE is clamped in every step (AF2: 90%). With AF2's 10% unclamped steps: 0.22.
+    - No masked-MSA loss (AF2: weight 2). Most embedded chains have no MSA, so the masked query residue is in the
+      profile and the task is nearly a copy; at weight 2 its gradient dominates the trunk's: 0.17.
+    - The chain's profile is embedded into the query row (``model.use_profile``; not in AF2).
+    - No recycling, crops of 48 residues and a cosine decay of the learning rate (speed on two CPU cores).
+    The IPA has AF2's 12 heads and 8 value points.
+    """
     cfg = FoldingConfig(preset="tiny")
     m = cfg.model
     m.c_m, m.c_z, m.c_s, m.c_e = 32, 32, 64, 16
-    m.max_recycling_iters = 1
+    m.max_recycling_iters = 0
+    m.use_profile = True
     e = m.evoformer
     e.num_blocks, e.c_hidden_msa_att, e.num_heads_msa = 2, 8, 4
     e.c_hidden_opm, e.c_hidden_mul, e.c_hidden_pair_att, e.num_heads_pair, e.transition_n = 8, 32, 8, 2, 2
@@ -403,16 +414,19 @@ def tiny() -> FoldingConfig:
     x.c_hidden_pair_att, x.num_heads_pair, x.transition_n = 8, 2, 2
     x.msa_dropout, x.pair_dropout = 0.0, 0.0
     s = m.structure_module
-    s.num_layers, s.c_ipa, s.num_heads_ipa, s.num_qk_points, s.num_v_points = 4, 16, 4, 4, 4
+    s.num_layers, s.c_ipa, s.num_heads_ipa, s.num_qk_points, s.num_v_points = 4, 16, 12, 4, 8
     s.dropout = 0.0
     m.heads.c_hidden_plddt = 32
     d = cfg.data
-    d.crop_size, d.max_msa_clusters, d.max_extra_msa = 64, 8, 0
+    d.crop_size, d.max_msa_clusters, d.max_extra_msa = 48, 8, 0
     d.profile_dropout = 0.2
+    lo = cfg.loss
+    lo.fape_clamp_fraction = 1.0
+    lo.masked_msa_weight = 0.0
     t = cfg.train
-    t.train_step, t.batch_size, t.lr, t.warmup_steps, t.grad_clip = 1000, 2, 1e-3, 50, 1.0
+    t.train_step, t.batch_size, t.lr, t.warmup_steps, t.grad_clip = 3000, 2, 1e-3, 50, 1.0
     t.lr_decay_style, t.min_lr = "cosine", 1e-4
-    t.log_step, t.eval_step, t.save_step = 10, 250, 250
+    t.log_step, t.eval_step, t.save_step = 10, 1000, 500
     cfg.validate()
     return cfg
 
