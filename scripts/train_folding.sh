@@ -13,8 +13,9 @@
 #   bash scripts/train_folding.sh --train_step 5000 --model_dir runs/folding_long
 #   bash scripts/train_folding.sh --config_preset initial_training --precision bf16 --model_dir runs/af2   # GPU
 #   bash scripts/train_folding.sh --override model.evoformer.num_blocks=4 --crop_size 96
-# Environment: MODEL_DIR (default runs/folding_tiny), OMP_NUM_THREADS (default 1: on 2 shared CPU cores one
-# thread per process measured faster than two for the tiny model; see docs/folding.md).
+# Environment: MODEL_DIR (default runs/folding_tiny), OMP_NUM_THREADS (default 1, so that a run reproduces the
+# README's numbers bit for bit; 2 threads were 1.2x faster on a quiet 2-core machine and give slightly different
+# numbers; docs/folding_tiny.md, "Threads").
 #
 # Parallel training (DP x DAP x BP, docs/parallel_folding.md) through torchrun, from the environment:
 #   NPROC_PER_NODE (default 1), DAP_DEGREE (default 1), BP_DEGREE (1 or 2, default 1), SEED (required when

@@ -150,3 +150,30 @@ def test_structure_module_outputs_and_rotation_gradient_stop():
     torch.testing.assert_close(rots @ rots.transpose(-1, -2), eye, atol=1e-5, rtol=0)
     out["positions"][..., rc.atom_order["CA"], :].sum().backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_lddt_separation_bands_and_radius_of_gyration():
+    """The local (|i-j| < 12) and non-local (>= 12) lDDT-Ca partition the scored pairs, so their pair-weighted mean
+    is the standard score; a chain shrunk about its centroid has the radius-of-gyration ratio of the shrink."""
+    from megatron_protein.structure import metrics
+
+    rng = np.random.default_rng(0)
+    steps = rng.normal(size=(80, 3))
+    true = np.cumsum(3.8 * steps / np.linalg.norm(steps, axis=1, keepdims=True), axis=0)
+    pred = true + rng.normal(0, 1.5, size=true.shape)
+    whole = metrics.lddt_ca(pred, true)
+    local = metrics.lddt_ca(pred, true, max_separation=11)
+    nonlocal_ = metrics.lddt_ca(pred, true, min_separation=12)
+    d = np.linalg.norm(true[:, None] - true[None], axis=-1)
+    sep = np.abs(np.arange(80)[:, None] - np.arange(80)[None])
+    n_local = ((d < 15) & (sep >= 1) & (sep < 12)).sum()
+    n_nonlocal = ((d < 15) & (sep >= 12)).sum()
+    assert n_local > 0 and n_nonlocal > 0
+    assert (local * n_local + nonlocal_ * n_nonlocal) / (n_local + n_nonlocal) == pytest.approx(whole, abs=1e-12)
+    assert metrics.lddt_ca(pred, true, min_separation=1) == whole
+    centre = true.mean(0)
+    shrunk = centre + 0.5 * (true - centre)
+    assert metrics.radius_of_gyration(shrunk) / metrics.radius_of_gyration(true) == pytest.approx(0.5)
+    mask = np.ones(80, dtype=bool)
+    mask[:10] = False
+    assert metrics.radius_of_gyration(true, mask) == pytest.approx(metrics.radius_of_gyration(true[10:]))

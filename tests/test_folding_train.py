@@ -125,8 +125,12 @@ def test_command_line_run_and_bad_checkpoint_error(tmp_path, small_chains):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     assert any(name.startswith("plddt_") and name.endswith(".png") for name in os.listdir(tmp_path))
-    summary = json.load(open(tmp_path / "eval_final.json"))
-    assert {"lddt_ca", "tm_score", "helix_lddt_ca", "extended_tm_score"} <= set(summary["with_profile"])
+    def no_nan(constant):
+        raise AssertionError(f"eval_final.json holds {constant}, which is not JSON")
+
+    summary = json.loads((tmp_path / "eval_final.json").read_text(), parse_constant=no_nan)
+    assert {"lddt_ca", "tm_score", "helix_lddt_ca", "extended_tm_score", "lddt_ca_local", "lddt_ca_nonlocal",
+            "rg_ratio", "helix_rg_ratio"} <= set(summary["with_profile"])
     assert summary["against_helix"]["sequence_only"]["num_chains"] == 1
     assert "above the helix on" in done.stdout and (tmp_path / "heldout_lddt.png").stat().st_size > 0
     bad = subprocess.run(common[:-4] + ["--override", "model.c_z=8", "--crop_size", "24"], capture_output=True,

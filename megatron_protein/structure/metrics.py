@@ -151,8 +151,15 @@ def lddt_ca(
     cutoff: float = LDDT_CUTOFF,
     thresholds: Sequence[float] = LDDT_THRESHOLDS,
     pred_mask: Optional[np.ndarray] = None,
+    min_separation: int = 1,
+    max_separation: Optional[int] = None,
 ):
     """lDDT on CA atoms as AlphaFold2 defines it (see the module docstring); numpy.
+
+    ``min_separation`` / ``max_separation`` (positions along the arrays, inclusive; default every pair) restrict
+    the scored pairs to a band of sequence separation, to tell local geometry (``|i - j| < 12``) from the
+    arrangement of distant parts of the chain (``|i - j| >= 12``): not part of the standard score, which is the
+    default.
 
     Pairs are scored where the reference has both atoms (``mask``) and their reference distance is below
     ``cutoff``. ``pred_mask`` (default: all present) marks predicted atoms that exist; a scored pair with a
@@ -164,7 +171,7 @@ def lddt_ca(
     pred, true, mask = _pairs(pred, true, mask)
     present = np.ones(len(pred), dtype=bool) if pred_mask is None else np.asarray(pred_mask).astype(bool)
     pred = np.where(present[:, None], pred, np.nan)  # NaN distances fail every threshold
-    score_sum, n_pairs = _lddt_sums(pred, true, mask, cutoff, thresholds)
+    score_sum, n_pairs = _lddt_sums(pred, true, mask, cutoff, thresholds, min_separation, max_separation)
     if per_residue:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(n_pairs > 0, score_sum / np.maximum(n_pairs, 1), np.nan)
@@ -172,15 +179,33 @@ def lddt_ca(
     return float(score_sum.sum() / total) if total > 0 else float("nan")
 
 
-def _lddt_sums(pred, true, mask, cutoff, thresholds):
+def _lddt_sums(pred, true, mask, cutoff, thresholds, min_separation=1, max_separation=None):
     d_true = np.sqrt(((true[:, None, :] - true[None, :, :]) ** 2).sum(-1))
     d_pred = np.sqrt(((pred[:, None, :] - pred[None, :, :]) ** 2).sum(-1))
     scored = (d_true < cutoff) & mask[:, None] & mask[None, :]
     np.fill_diagonal(scored, False)
+    if min_separation > 1 or max_separation is not None:
+        index = np.arange(len(true))
+        separation = np.abs(index[:, None] - index[None, :])
+        scored &= separation >= min_separation
+        if max_separation is not None:
+            scored &= separation <= max_separation
     with np.errstate(invalid="ignore"):
         dev = np.abs(d_true - d_pred)
         frac = np.mean([dev < t for t in thresholds], axis=0)
     return (frac * scored).sum(-1), scored.sum(-1)
+
+
+def radius_of_gyration(x: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Root mean square distance of the (masked) points ``[L, 3]`` from their centroid, in the points' unit. The
+    ratio of a prediction's to the reference's says whether a predicted chain is collapsed (< 1) or too extended
+    (> 1), which neither lDDT nor TM-score shows by itself."""
+    x = np.asarray(x, dtype=np.float64)
+    keep = np.ones(len(x), dtype=bool) if mask is None else np.asarray(mask).astype(bool)
+    if not keep.any():
+        return float("nan")
+    x = x[keep]
+    return float(np.sqrt(((x - x.mean(0)) ** 2).sum(-1).mean()))
 
 
 def lddt_ca_torch(pred_ca, true_ca, mask, per_residue: bool = True, cutoff: float = LDDT_CUTOFF, eps: float = 1e-10):

@@ -12,6 +12,7 @@ helix by chance on a few chains is not read as a model that folds.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -27,8 +28,25 @@ CA = rc.atom_order["CA"]
 _BASELINE_CACHE: dict[tuple, dict] = {}
 
 
+#: Sequence separation that splits lDDT-Calpha into its local (``|i - j| < 12``) and non-local parts.
+NONLOCAL_SEPARATION = 12
+
+
+def shape_scores(pred_ca: np.ndarray, true_ca: np.ndarray, ca_mask: np.ndarray) -> dict:
+    """What the standard scores hide: lDDT-Calpha over local pairs (``lddt_ca_local``, ``|i - j| < 12``) and over
+    non-local pairs (``lddt_ca_nonlocal``, ``|i - j| >= 12``), and the radius of gyration of the prediction over
+    the reference's (``rg_ratio``: below 1 = collapsed, above 1 = too extended)."""
+    true_rg = metrics.radius_of_gyration(true_ca, ca_mask)
+    return {"lddt_ca_local": float(metrics.lddt_ca(pred_ca, true_ca, ca_mask,
+                                                   max_separation=NONLOCAL_SEPARATION - 1)),
+            "lddt_ca_nonlocal": float(metrics.lddt_ca(pred_ca, true_ca, ca_mask,
+                                                      min_separation=NONLOCAL_SEPARATION)),
+            "rg_ratio": metrics.radius_of_gyration(pred_ca, ca_mask) / true_rg}
+
+
 def baseline_scores(aatype: np.ndarray, true_ca: np.ndarray, ca_mask: np.ndarray, key: tuple) -> dict:
-    """lDDT-Calpha and TM-score of each baseline against one chain (cached: they never change)."""
+    """lDDT-Calpha, TM-score and the shape scores of each baseline against one chain (cached: they never
+    change)."""
     if key not in _BASELINE_CACHE:
         out = {}
         for kind in CONFORMATIONS:
@@ -36,6 +54,7 @@ def baseline_scores(aatype: np.ndarray, true_ca: np.ndarray, ca_mask: np.ndarray
             out[f"{kind}_lddt_ca"] = float(metrics.lddt_ca(positions[:, CA], true_ca, ca_mask))
             out[f"{kind}_tm_score"] = float(metrics.tm_score(positions[:, CA], true_ca, ca_mask,
                                                              reference_length=len(aatype)))
+            out.update({f"{kind}_{k}": v for k, v in shape_scores(positions[:, CA], true_ca, ca_mask).items()})
         _BASELINE_CACHE[key] = out
     return _BASELINE_CACHE[key]
 
@@ -67,6 +86,7 @@ def evaluate(model: torch.nn.Module, dataset: FoldingDataset, device: torch.devi
                   "tm_score": float(metrics.tm_score(pred_ca, true_ca, ca_mask,
                                                      reference_length=len(example["aatype"]))),
                   "plddt": float(out["plddt"][0].float().mean())}
+        record.update(shape_scores(pred_ca, true_ca, ca_mask))
         record.update(baseline_scores(example["aatype"], true_ca, ca_mask,
                                       (dataset.chain_id(i), record["length"])))
         chains.append(record)
@@ -77,7 +97,11 @@ def evaluate(model: torch.nn.Module, dataset: FoldingDataset, device: torch.devi
     if was_training:
         model.train()
     keys = [k for k in chains[0] if k not in ("chain_id", "length")] if chains else []
-    summary = {k: float(np.mean([c[k] for c in chains])) for k in keys}
+    # nanmean: a chain with no scored pair in a band (a lone helix has no non-local pair under 15 A) has NaN there
+    # and is left out of that band's mean; the standard scores are never NaN for a chain with a CA.
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        summary = {k: float(np.nanmean([c[k] for c in chains])) for k in keys}
     summary.update({"num_chains": n, "use_profile": use_profile, "seconds": time.monotonic() - started,
                     "chains": chains, "predictions": predictions})
     return summary
@@ -102,16 +126,19 @@ def compare_with_baseline(summary: dict, kind: str = "helix") -> dict:
 
 
 def format_summary(models: list[tuple[str, dict]]) -> str:
-    """A small table: each ``(name, summary)`` model row, then the baselines (of the first summary's chains),
-    mean lDDT-Calpha and TM-score over the chains."""
-    rows = [(name, summary["lddt_ca"], summary["tm_score"]) for name, summary in models]
+    """A small table: each ``(name, summary)`` model row, then the baselines (of the first summary's chains):
+    means over the chains of lDDT-Calpha, TM-score, the local and non-local parts of lDDT-Calpha and the radius of
+    gyration over the true one; then each model's paired comparison with the helix."""
+    keys = ("lddt_ca", "tm_score", "lddt_ca_local", "lddt_ca_nonlocal", "rg_ratio")
+    rows = [(name, [summary.get(k, float("nan")) for k in keys]) for name, summary in models]
     names = {"helix": "ideal alpha-helix, same length", "extended": "extended strand, same length"}
     first = models[0][1]
     for kind in CONFORMATIONS:
-        rows.append((names.get(kind, kind), first[f"{kind}_lddt_ca"], first[f"{kind}_tm_score"]))
+        rows.append((names.get(kind, kind), [first.get(f"{kind}_{k}", float("nan")) for k in keys]))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'':<{width}}  lDDT-Ca  TM-score"]
-    lines += [f"{name:<{width}}  {lddt:7.3f}  {tm:8.3f}" for name, lddt, tm in rows]
+    lines = [f"{'':<{width}}  lDDT-Ca  TM-score  lDDT-Ca |i-j|<12  lDDT-Ca |i-j|>=12  Rg / true Rg"]
+    lines += [f"{name:<{width}}  {v[0]:7.3f}  {v[1]:8.3f}  {v[2]:16.3f}  {v[3]:17.3f}  {v[4]:12.2f}"
+              for name, v in rows]
     for name, summary in models:
         if summary.get("chains"):
             c = compare_with_baseline(summary, "helix")

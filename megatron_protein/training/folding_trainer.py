@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from megatron_protein.data.folding_dataset import (DEFAULT_MSA_DIR, FoldingBatches, FoldingDataset, MsaDirectory,
@@ -322,8 +323,19 @@ def _public(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("chains", "predictions")}
 
 
+def _json_safe(obj):
+    """JSON has no NaN/inf (a chain without non-local pairs has a NaN non-local lDDT): write them as null."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
+        json.dump(_json_safe(obj), f, indent=1, default=float, allow_nan=False)
     os.replace(tmp, path)
