@@ -28,6 +28,7 @@ import torch
 from megatron_protein.kernels import LayerNorm
 from megatron_protein.models.folding.primitives import Linear
 from megatron_protein.structure import residue_constants as rc
+from megatron_protein.structure.ideal_chain import CONFORMATIONS, ideal_backbone
 from megatron_protein.structure.rigid import Rigid
 
 
@@ -225,7 +226,7 @@ def backbone_atoms(frames: Rigid, aatype: torch.Tensor, residue_index: Optional[
 # ---------------------------------------------------------------------------------------------------------------
 
 #: ``identity``: AF2's "black hole" start (every residue at the origin, supplement 1.8.1). ``extended`` / ``helix``:
-#: the backbone frames of the extended strand / ideal alpha-helix of :mod:`megatron_protein.models.folding.baselines`,
+#: the backbone frames of the extended strand / ideal alpha-helix of :mod:`megatron_protein.structure.ideal_chain`,
 #: centred on their centroid (not AF2; docs/folding_tiny.md).
 INITIAL_FRAMES = ("identity", "extended", "helix")
 
@@ -236,7 +237,6 @@ def ideal_chain_frames(length: int, kind: str, device) -> Rigid:
     """Backbone frames ``[length]`` (Angstrom) of an ideal chain of constant dihedrals, centred at the origin."""
     key = (int(length), kind)
     if key not in _CHAIN_CACHE:
-        from megatron_protein.models.folding.baselines import CONFORMATIONS, ideal_backbone  # (imports this module)
         xyz = torch.from_numpy(ideal_backbone(int(length), *CONFORMATIONS[kind])).float()
         xyz = xyz - xyz[:, 1].mean(0)
         _CHAIN_CACHE[key] = Rigid.from_3_points(xyz[:, 0], xyz[:, 1], xyz[:, 2])
