@@ -146,10 +146,12 @@ def _temp_files(directory) -> list[str]:
 
 def _start_and_freeze_mid_run(fasta, prefix, workers=1):
     """Start preprocess and SIGSTOP it once its temporary files exist (in the middle of the work)."""
+    # A job started in the background by a non-interactive shell (as CI may run this suite) inherits SIGINT ignored,
+    # and Python then leaves it ignored: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "megatron_protein.data.preprocess", "--input", fasta,
                              "--output-prefix", prefix, "--split-by-family", "0.9,0.05,0.05", "--no-progress",
                              "--workers", str(workers)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     directory = os.path.dirname(prefix)
     deadline = time.monotonic() + 120
     while not [n for n in _temp_files(directory) if n.startswith("." + os.path.basename(prefix))]:

@@ -263,7 +263,10 @@ def test_axial_block_dap2_matches_one_process_with_uneven_sizes():
     for rank, (reference, results) in enumerate(run_distributed(_check_block, 2)):
         for label in ("sync", "async"):
             for key, expected in reference.items():
-                torch.testing.assert_close(results[label][key], expected, atol=1e-5, rtol=1e-5,
+                # Gradients are sums over the ranks' partial sums, added in another order than one process adds
+                # them: fp32 rounding reaches 2.3e-5 on values near 1 (seen once in CI), so 5e-5 for them.
+                tol = 5e-5 if key.startswith("grad_") else 1e-5
+                torch.testing.assert_close(results[label][key], expected, atol=tol, rtol=tol,
                                            msg=lambda m: f"rank {rank} {label} {key}: {m}")
         # Forward of the local-backward gather is the same; its parameter gradients are not (only the local part
         # of each partial sum is kept): the all-gather sites need the reduce-scatter backward.
