@@ -138,6 +138,10 @@ def test_command_line_run_and_bad_checkpoint_error(tmp_path, small_chains):
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path}") and "model.c_z: checkpoint 16" in lines[0]
+    other_seed = subprocess.run(common + ["--seed", "7"], capture_output=True, text=True, env=env, timeout=300)
+    assert other_seed.returncode == 2, other_seed.stderr[-2000:]
+    lines = other_seed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trained with --seed 1234, this run has seed 7" in lines[0], lines
 
 
 def test_a_bad_msa_stops_the_run_before_the_first_step(tmp_path, small_chains, capsys):

@@ -144,7 +144,14 @@ class FoldingTrainer:
     def _resume_or_init(self) -> None:
         run, groups = self.run, self.groups
         if checkpointing.read_tracker(run.model_dir) is not None:
-            load_architecture_checked(run.model_dir, self.config, groups)
+            state = load_architecture_checked(run.model_dir, self.config, groups)
+            saved_seed = getattr(state.get("args"), "data_seed", None)
+            if saved_seed is not None and int(saved_seed) != self.train_set.seed:
+                # The data stream (crops, MSA sampling, masking) is a function of the seed: continuing with
+                # another one would silently train on a different stream than the one the checkpoint started.
+                raise checkpointing.CheckpointError(
+                    f"{run.model_dir}: the run in it was trained with --seed {int(saved_seed)}, this run has seed "
+                    f"{self.train_set.seed}; resume it with --seed {int(saved_seed)}, or use another --model_dir")
             position = checkpointing.load_checkpoint(run.model_dir, self.model, self.optimizer, self.scheduler,
                                                      self.args, groups=groups)
             state, _ = checkpointing.load_state(run.model_dir, groups)
