@@ -47,6 +47,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from _memory import reset_peak_rss, status_kib  # noqa: E402 (bench/ is the script's directory)
+
 LAYOUTS = {  # name: (world size, dap degree, bp degree, OPM position)
     "single": (1, 1, 1, "middle"),
     "dap2": (2, 2, 1, "middle"),
@@ -57,23 +59,6 @@ BASELINE = {"dap2": "single", "bp2": "single_end"}
 
 
 # ------------------------------------------------------------------------------------------ measuring inside a rank
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 class CommTimer:
     """Wraps the ``torch.distributed`` calls the parallel core makes; sums the time blocked in them and the bytes
@@ -181,10 +166,10 @@ def _measure(layout: str, size: tuple, mode: str, reps: int) -> dict:
     step()  # warm-up (allocator, thread pools)
     gc.collect()
     peak_mib = None
-    if _reset_peak_rss():
-        before = _status_kib("VmRSS")
+    if reset_peak_rss():
+        before = status_kib("VmRSS")
         step()
-        peak_mib = round((_status_kib("VmHWM") - before) / 1024, 1)
+        peak_mib = round((status_kib("VmHWM") - before) / 1024, 1)
     times, comm, comm_bytes = [], [], 0
     with CommTimer() as timer:
         for _ in range(reps):
@@ -197,7 +182,7 @@ def _measure(layout: str, size: tuple, mode: str, reps: int) -> dict:
             comm.append(timer.seconds)
             comm_bytes = timer.bytes
     return {"time_s": times, "comm_blocked_s": comm, "comm_mib_sent": round(comm_bytes / 2 ** 20, 1),
-            "peak_step_mib": peak_mib, "rss_mib": round(_status_kib("VmRSS") / 1024, 1)}
+            "peak_step_mib": peak_mib, "rss_mib": round(status_kib("VmRSS") / 1024, 1)}
 
 
 # ------------------------------------------------------------------------------------------ the parent

@@ -65,6 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron_protein.models.folding import evoformer as evo  # noqa: E402
+from _memory import reset_peak_rss, status_kib  # noqa: E402 (bench/ is the script's directory)
 
 DEFAULT_OPENFOLD = "/work/peers/openfold"
 DEFAULT_STUBS = "/work/shared/peers/stubs"
@@ -170,23 +171,6 @@ def make_step(impl: str, mode: str, n_seq: int, n_res: int, openfold_dir: str | 
 
 # --------------------------------------------------------------------------------------------- measurement
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child_measure(impl, mode, n_seq, n_res, what, reps, openfold_dir) -> dict:
     torch.manual_seed(0)
     step = make_step(impl, mode, n_seq, n_res, openfold_dir)
@@ -195,10 +179,10 @@ def child_measure(impl, mode, n_seq, n_res, what, reps, openfold_dir) -> dict:
     result = {"warmup_s": round(time.perf_counter() - start, 3)}
     gc.collect()
     if what == "memory":
-        if _reset_peak_rss():
-            before = _status_kib("VmRSS")
+        if reset_peak_rss():
+            before = status_kib("VmRSS")
             step()
-            peak = _status_kib("VmHWM")
+            peak = status_kib("VmHWM")
             result.update(peak_rss_mib=round(peak / 1024, 1), peak_extra_mib=round((peak - before) / 1024, 1))
         else:  # no clear_refs: the whole process's high-water mark (warm-up included)
             step()

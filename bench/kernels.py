@@ -40,6 +40,7 @@ import torch
 
 from megatron_protein import kernels
 from megatron_protein.kernels import dispatch
+from _memory import reset_peak_rss, status_kib  # noqa: E402 (bench/ is the script's directory)
 
 # --------------------------------------------------------------------------------------------- the cases
 # Each case: name -> (shape description, {impl: factory}); a factory builds inputs and modules and returns a
@@ -151,23 +152,6 @@ for _n in (512, 1024):
 # --------------------------------------------------------------------------------------------- measuring
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child(case: str, impl: str, reps: int) -> dict:
     torch.manual_seed(0)
     step = CASES[case][1][impl]()
@@ -176,10 +160,10 @@ def _child(case: str, impl: str, reps: int) -> dict:
     first_call_s = time.perf_counter() - start
     gc.collect()
     peak_mib = None
-    if _reset_peak_rss():
-        before = _status_kib("VmRSS")
+    if reset_peak_rss():
+        before = status_kib("VmRSS")
         step()
-        peak_mib = round((_status_kib("VmHWM") - before) / 1024, 1)
+        peak_mib = round((status_kib("VmHWM") - before) / 1024, 1)
     times = []
     for _ in range(reps):
         start = time.perf_counter()

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from megatron_protein.data.mlm_dataset import MLMDataset
 from megatron_protein.training.mlm_metrics import MLMMetrics, training_frequencies
+from megatron_protein.utils import strict_json
 
 logger = logging.getLogger("megatron_protein.evaluate_mlm")
 
@@ -259,17 +260,6 @@ def evaluate(model: LoadedModel, source, seed: int = 1234, passes: int = 1, batc
             "cropped_sequences": cropped, "seq_length": seq_length, "metrics": metrics.summary(frequencies)}
 
 
-def _without_nan(value):
-    """NaN (a kind of position that got no sample) becomes null, so the output is strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_nan(v) for v in value]
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_protein.evaluate_mlm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,7 +311,7 @@ def main(argv=None) -> dict:
               "passes": args.passes if args.num_samples is None else None,
               "masking": {"mask_prob": args.mask_prob, "mask_token_prob": args.mask_token_prob,
                           "random_token_prob": args.random_token_prob}, **result}
-    report = _without_nan(report)
+    report = strict_json.finite(report)
     text = json.dumps(report, indent=2, allow_nan=False)
     print(text)
     if args.output:

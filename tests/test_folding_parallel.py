@@ -93,19 +93,25 @@ def num_recycles(step: int) -> int:
     return (step + 1) % 2  # 1, 0, 1: recycled inputs are non-zero at steps 0 and 2
 
 
+def perturbed_model(cfg) -> AlphaFold:
+    """The model with seed 1234 and every weight perturbed, the same on every rank. AF2's zero-initialised final
+    layers make a fresh block the identity, so most gradients of a fresh model are exactly zero (and would compare
+    equal trivially): perturb every weight first."""
+    torch.manual_seed(1234)
+    model = AlphaFold(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=PERTURB)
+    dp.param_sync(model, src_rank=0)
+    return model
+
+
 def train(cfg, step_batches, groups: scg.ParallelGroups, async_dap: bool = True, recompute: bool = False,
           clip: float = 1.0):
     """STEPS steps on this rank's part of each global batch; returns losses, synced gradients, final weights."""
     cfg = copy.deepcopy(cfg)
     cfg.model.evoformer.recompute = recompute
-    torch.manual_seed(1234)
-    model = AlphaFold(cfg)
-    with torch.no_grad():
-        # AF2's zero-initialised final layers make a fresh block the identity, so most gradients of a fresh model
-        # are exactly zero (and would compare equal trivially): perturb every weight first.
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=PERTURB)
-    dp.param_sync(model, src_rank=0)
+    model = perturbed_model(cfg)
     param_groups = parameter_groups(model)
     fused = fused_params.fuse_param_groups(param_groups)
     # SGD: the weights after the steps are a linear function of the gradients, so they compare at the gradients'
@@ -267,12 +273,7 @@ INFER_TOL = dict(atol=1e-4, rtol=1e-4)   # positions in Angstrom, logits; float3
 
 
 def infer(cfg, example, chunk_size):
-    torch.manual_seed(1234)
-    model = AlphaFold(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=PERTURB)
-    dp.param_sync(model, src_rank=0)
+    model = perturbed_model(cfg)
     model.eval()
     batch = collate_features([example])
     with torch.no_grad():

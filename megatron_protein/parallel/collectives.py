@@ -532,21 +532,34 @@ def all_reduce_async(x: torch.Tensor, group) -> tuple[torch.Tensor, AsyncHandle]
     return result, AsyncHandle(result, lambda r: _AllReduceAsyncWait.apply(r, state))
 
 
+def _start_all_gather(x: torch.Tensor, dim: int, group, state: "_AsyncState") -> torch.Tensor:
+    """Start the async all-gather of ``x`` along ``dim`` into ``state``; return the tensor the result will fill."""
+    world = group_size(group)
+    x = x.contiguous()
+    # all_gather_single concatenates along dim 0; for dim 0 that is the final layout, written in place.
+    state.buffer = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    state.keep = x
+    state.work = dist.all_gather_single(state.buffer, x, group=group, async_op=True)
+    if dim == 0:
+        return state.buffer
+    shape = list(x.shape)
+    shape[dim] *= world
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def _finish_all_gather(result: torch.Tensor, dim: int, group, state: "_AsyncState") -> None:
+    """Wait for :func:`_start_all_gather` and lay the gathered chunks out along ``dim`` in ``result``."""
+    state.work.wait()
+    if dim != 0:
+        torch.cat(state.buffer.chunk(group_size(group), 0), dim=dim, out=result)
+    state.work = state.buffer = state.keep = None
+
+
 class _GatherAsyncStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group, state):
         ctx.dim, ctx.group = dim, group
-        world = group_size(group)
-        x = x.contiguous()
-        # all_gather_single concatenates along dim 0; for dim 0 that is the final layout, written in place.
-        state.buffer = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        state.keep = x
-        state.work = dist.all_gather_single(state.buffer, x, group=group, async_op=True)
-        if dim == 0:
-            return state.buffer
-        shape = list(x.shape)
-        shape[dim] *= world
-        return torch.empty(shape, dtype=x.dtype, device=x.device)
+        return _start_all_gather(x, dim, group, state)
 
     @staticmethod
     def backward(ctx, grad):
@@ -556,10 +569,7 @@ class _GatherAsyncStart(torch.autograd.Function):
 class _GatherAsyncWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, dim, group, state):
-        state.work.wait()
-        if dim != 0:
-            torch.cat(state.buffer.chunk(group_size(group), 0), dim=dim, out=result)
-        state.work = state.buffer = state.keep = None
+        _finish_all_gather(result, dim, group, state)
         ctx.mark_dirty(result)
         return result
 
@@ -587,16 +597,7 @@ class _AllGatherAsyncStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group, state):
         ctx.dim, ctx.state = dim, state
-        world = group_size(group)
-        x = x.contiguous()
-        state.buffer = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        state.keep = x
-        state.work = dist.all_gather_single(state.buffer, x, group=group, async_op=True)
-        if dim == 0:
-            return state.buffer
-        shape = list(x.shape)
-        shape[dim] *= world
-        return torch.empty(shape, dtype=x.dtype, device=x.device)
+        return _start_all_gather(x, dim, group, state)
 
     @staticmethod
     def backward(ctx, grad_placeholder):
@@ -614,10 +615,7 @@ class _AllGatherAsyncWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, dim, group, state):
         ctx.dim, ctx.group, ctx.state = dim, group, state
-        state.work.wait()
-        if dim != 0:
-            torch.cat(state.buffer.chunk(group_size(group), 0), dim=dim, out=result)
-        state.work = state.buffer = state.keep = None
+        _finish_all_gather(result, dim, group, state)
         ctx.mark_dirty(result)
         return result
 

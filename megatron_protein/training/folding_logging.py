@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from typing import Optional
 
 from megatron_protein.training.logging_utils import format_duration
+from megatron_protein.utils import strict_json
 
 logger = logging.getLogger("megatron_protein.folding")
 
@@ -122,7 +122,7 @@ class FoldingLogger:
             if total_skipped:
                 line += f" | skipped {total_skipped}"
             logger.info(line)
-            self._write(_finite_json(record))
+            self._write(strict_json.finite(record))
             if self.writer is not None:
                 for key, value in record.items():
                     if key != "split" and key != "step" and isinstance(value, (int, float)):
@@ -137,7 +137,7 @@ class FoldingLogger:
         if not self.is_writer:
             return
         record = {"split": "valid", "step": step, **{k: v for k, v in summary.items() if not isinstance(v, list)}}
-        self._write(_finite_json(record))
+        self._write(strict_json.finite(record))
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("split", "step") and isinstance(value, (int, float)):
@@ -149,6 +149,3 @@ class FoldingLogger:
             self.writer.close()
 
 
-def _finite_json(record: dict) -> dict:
-    """JSON has no NaN/inf: write them as null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

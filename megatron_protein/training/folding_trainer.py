@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 
 from megatron_protein.data.folding_dataset import (DEFAULT_MSA_DIR, FoldingBatches, FoldingDataset, MsaDirectory,
@@ -46,6 +45,7 @@ from megatron_protein.training.folding_arguments import RunOptions
 from megatron_protein.training.folding_eval import compare_with_baseline, evaluate, format_summary
 from megatron_protein.training.folding_logging import FoldingLogger, logger
 from megatron_protein.training.optimizer import LRScheduler, clip_grad_norm, grad_norm
+from megatron_protein.utils import strict_json
 
 
 class FoldingTrainingError(RuntimeError):
@@ -330,19 +330,8 @@ def _public(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("chains", "predictions")}
 
 
-def _json_safe(obj):
-    """JSON has no NaN/inf (a chain without non-local pairs has a NaN non-local lDDT): write them as null."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(_json_safe(obj), f, indent=1, default=float, allow_nan=False)
+        json.dump(strict_json.finite(obj), f, indent=1, default=float, allow_nan=False)
     os.replace(tmp, path)
