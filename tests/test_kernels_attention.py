@@ -1,8 +1,9 @@
-"""The Evoformer's gated self-attention (AF2 Algorithm 7) and the memory-efficient tiled attention.
+"""The Evoformer's gated self-attention (AF2 Algorithm 7), the memory-efficient tiled attention and the CPU training
+core (fused flash forward, recomputing backward).
 
-The tiled path must equal the plain one (forward and every gradient, float64) for tile sizes that do not divide
-the lengths, with fully masked rows and pair biases broadcast over MSA rows and heads, and must not save any
-tensor the size of the logits for backward.
+The tiled and the CPU flash paths must equal the plain one (forward and every gradient, float64; the flash path
+also in float32) for tile and chunk sizes that do not divide the lengths, with fully masked rows and pair biases
+broadcast over MSA rows and heads, and must not save any tensor the size of the logits for backward.
 """
 from __future__ import annotations
 
@@ -52,6 +53,57 @@ def test_tiled_attention_gradcheck():
     assert torch.autograd.gradcheck(lambda *t: kernels.tiled_attention(*t, mask, 0.7, 2, 3), (q, k, v, bias))
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4])
+@pytest.mark.parametrize("bias_shape", [None, (2, 1, 3, 11, 11), (1, 1, 11), (2, 1, 1, 1, 11), (2, 4, 3, 11, 11)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flash_attention_cpu_equals_plain(chunk_rows, bias_shape, dtype):
+    """The training core on CPU (fused flash forward, recomputing backward) against the plain composition: output
+    and every gradient, with a fully masked MSA row, biases broadcast every way the Evoformer uses, and B cut into
+    chunks that do not divide it."""
+    from megatron_protein.kernels.flash_attention_cpu import flash_attention_cpu
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 3, 11, 6, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = None if bias_shape is None else torch.randn(bias_shape, dtype=dtype, requires_grad=True)
+    mask = torch.rand(2, 4, 1, 1, 11) < 0.3
+    mask[1, 2] = True
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    scale = 1 / math.sqrt(6)
+    plain = _plain(q, k, v, bias, mask, scale)
+    flash = flash_attention_cpu(q, k, v, bias, mask, scale, chunk_elements=chunk_rows * 3 * 11 * 11)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    torch.testing.assert_close(flash, plain, **tol)
+    assert torch.equal(flash[1, 2], torch.zeros_like(flash[1, 2]))
+    cotangent = torch.randn_like(plain)
+    grads_plain = torch.autograd.grad(plain, inputs, cotangent)
+    grads_flash = torch.autograd.grad(flash, inputs, cotangent)
+    for name, a, b in zip("qkvb", grads_flash, grads_plain):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_flash_attention_cpu_gradcheck_and_no_mask():
+    from megatron_protein.kernels.flash_attention_cpu import flash_attention_cpu
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(3, 2, 5, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: flash_attention_cpu(*t, None, 0.7, chunk_elements=50), (q, k, v, bias))
+    mask = torch.zeros(3, 1, 1, 5, dtype=torch.bool)
+    mask[0, ..., 4] = True
+    assert torch.autograd.gradcheck(lambda *t: flash_attention_cpu(*t, mask, 0.7), (q, k, v, bias))
+
+
+def test_flash_attention_cpu_refuses_what_it_cannot_run():
+    from megatron_protein.kernels.flash_attention_cpu import flash_attention_cpu
+    q = torch.randn(2, 2, 5, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32/float64"):
+        flash_attention_cpu(q, q, q)
+    with pytest.raises(ValueError, match="same leading dims"):
+        flash_attention_cpu(torch.randn(2, 2, 5, 4), torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4))
+    with pytest.raises(TypeError, match="bool"):
+        x = torch.randn(2, 2, 5, 4)
+        flash_attention_cpu(x, x, x, mask=torch.zeros(2, 1, 1, 5))
+
+
 def _largest_saved_numel(fn, *args):
     largest = 0
 
@@ -72,8 +124,11 @@ def test_tiled_attention_saves_nothing_the_size_of_the_logits():
     logits_numel = n_seq * heads * n_res * n_res
     plain = _largest_saved_numel(_plain, q, k, v, bias, None, 0.5)
     tiled = _largest_saved_numel(kernels.tiled_attention, q, k, v, bias, None, 0.5, 16, 16)
+    from megatron_protein.kernels.flash_attention_cpu import flash_attention_cpu
+    flash = _largest_saved_numel(flash_attention_cpu, q, k, v, bias, None, 0.5)
     assert plain >= logits_numel
     assert tiled <= max(bias.numel(), q.numel())
+    assert flash <= max(bias.numel(), q.numel())
 
 
 @pytest.mark.parametrize("tile_size", [None, 7])

@@ -96,14 +96,20 @@ def attention_recompute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
                         mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """``softmax(scale q k^T + bias, masked) v`` for ``q, k, v [*, B, H, Q, c]``, keeping no probabilities.
 
-    The batch dim B (MSA rows, pair rows, columns) is cut into chunks of about :data:`ATTENTION_CHUNK_ELEMENTS`
-    logits; each chunk goes through the kernels' :func:`~megatron_protein.kernels.tiled_attention` with one tile
-    spanning all queries and keys, which saves only its output and log-sum-exp and recomputes the chunk's
-    probabilities in backward (FlashAttention's backward, Dao et al. 2022). The same function as the plain core;
-    training memory O(chunk H Q K) instead of O(B H Q K) saved probabilities plus as much again for their gradient.
-    ``bias`` (``[*, 1, H, Q, K]``, shared over B) and ``mask`` (``[*, B|1, 1|H, 1|Q, K]``) broadcast as usual.
+    float32/float64 on CPU: :func:`~megatron_protein.kernels.flash_attention_cpu.flash_attention_cpu` (PyTorch's
+    fused CPU flash kernel forward, probabilities recomputed from its log-sum-exp in backward), B in chunks of about
+    :data:`ATTENTION_CHUNK_ELEMENTS` logits. Otherwise (half precision, other devices) the batch dim B is cut into
+    chunks of that size and each chunk goes through the kernels'
+    :func:`~megatron_protein.kernels.tiled_attention` with one tile spanning all queries and keys, which also saves
+    only its output and log-sum-exp (FlashAttention's backward, Dao et al. 2022). Both are the same function as the
+    plain core; training memory O(chunk H Q K) instead of O(B H Q K) saved probabilities plus as much again for
+    their gradient. ``bias`` (``[*, 1, H, Q, K]``, shared over B) and ``mask`` (``[*, B|1, 1|H, 1|Q, K]``)
+    broadcast as usual.
     """
-    from megatron_protein.kernels import tiled_attention
+    from megatron_protein.kernels import flash_attention_cpu, tiled_attention
+    if flash_attention_cpu.available(q) and q.dim() >= 4:
+        return flash_attention_cpu.flash_attention_cpu(q, k, v, bias, mask, scale,
+                                                       chunk_elements=ATTENTION_CHUNK_ELEMENTS)
     n_q, n_k = q.shape[-2], k.shape[-2]
     per_row = q.shape[-3] * n_q * n_k
     rows = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, per_row))
