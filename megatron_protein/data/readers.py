@@ -163,7 +163,6 @@ def partition_file(path: str, input_format: str, parts: int, chunk_size: int = 1
         cuts.append(size)
         ranges, line = [], 1
         f.seek(0)
-        position = 0
         for start, end in zip(cuts[:-1], cuts[1:]):
             ranges.append(ByteRange(start, end, line))
             remaining = end - start

@@ -90,7 +90,7 @@ class _WrittenOutAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, keep, scale: float, keep_scale: float):
         with torch.autocast(device_type=q.device.type, enabled=False):
             k, v = k.to(q.dtype), v.to(q.dtype)
-            b, h, sq, sk = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+            b, h, sq = q.shape[0], q.shape[1], q.shape[-2]
             per_chunk = _heads_per_chunk(q, k)
             chunks = [slice(first, first + per_chunk) for first in range(0, h, per_chunk)]
             # One contiguous [b, chunk, ...] tensor per chunk of heads (class docstring); q's is written by the scale.

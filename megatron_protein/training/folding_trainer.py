@@ -43,7 +43,7 @@ from megatron_protein.parallel.fused_params import fuse_param_groups
 from megatron_protein.training import checkpointing
 from megatron_protein.training.folding_arguments import RunOptions
 from megatron_protein.training.folding_eval import compare_with_baseline, evaluate, format_summary
-from megatron_protein.training.folding_logging import FoldingLogger, logger
+from megatron_protein.training.folding_logging import FoldingLogger
 from megatron_protein.training.optimizer import LRScheduler, clip_grad_norm, grad_norm
 from megatron_protein.utils import strict_json
 

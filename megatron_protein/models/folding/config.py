@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional, get_type_hints
+from typing import Any, get_type_hints
 
 
 class ConfigError(ValueError):

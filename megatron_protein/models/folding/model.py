@@ -21,7 +21,6 @@ hooks are the parallel core's and are the identity at degree 1.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch

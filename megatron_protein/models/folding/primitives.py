@@ -125,7 +125,6 @@ def _attention_inference(q, k, v, bias, mask, scale):
     if q.dim() < 4 or math.prod(lead) != 1 or any(t is not None and math.prod(t.shape[:-4]) != 1
                                                    for t in (k, v, bias, mask)):
         return attention_core(q, k, v, bias, mask, scale, "reference")
-    heads, n_q, n_k = q.shape[-3], q.shape[-2], k.shape[-2]
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))  # [B, H, Q, c]
     additive = None if bias is None else bias.reshape(-1, *bias.shape[-3:])  # [1|B, H|1, Q|1, K]
     if mask is not None:
