@@ -21,26 +21,33 @@ def _plain(q, k, v, bias, mask, scale):
     return kernels.masked_softmax(q @ k.transpose(-1, -2), scale, bias, mask, "unfused") @ v
 
 
-@pytest.mark.parametrize("tiles", [(4, 5), (16, 16), (1, 7)])
-@pytest.mark.parametrize("bias_shape", [None, (2, 1, 3, 11, 11), (1, 1, 11), (2, 1, 1, 1, 11)])
-def test_tiled_attention_equals_plain(tiles, bias_shape):
+def _assert_equals_plain(core, bias_shape, dtype=torch.float64, **tol):
+    """``core(q, k, v, bias, mask, scale)`` against the plain composition: output and every gradient, with a fully
+    masked MSA row (zeros, no NaN) and the bias broadcast as ``bias_shape`` says."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 3, 11, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    bias = None if bias_shape is None else torch.randn(bias_shape, dtype=torch.float64, requires_grad=True)
+    q, k, v = (torch.randn(2, 4, 3, 11, 6, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = None if bias_shape is None else torch.randn(bias_shape, dtype=dtype, requires_grad=True)
     mask = torch.rand(2, 4, 1, 1, 11) < 0.3
-    mask[1, 2] = True  # a fully masked MSA row: zeros, no NaN
+    mask[1, 2] = True  # a fully masked MSA row
     inputs = [t for t in (q, k, v, bias) if t is not None]
     scale = 1 / math.sqrt(6)
     plain = _plain(q, k, v, bias, mask, scale)
-    tiled = kernels.tiled_attention(q, k, v, bias, mask, scale, q_tile=tiles[0], k_tile=tiles[1])
-    torch.testing.assert_close(tiled, plain)
-    assert torch.equal(tiled[1, 2], torch.zeros_like(tiled[1, 2]))
+    out = core(q, k, v, bias, mask, scale)
+    torch.testing.assert_close(out, plain, **tol)
+    assert torch.equal(out[1, 2], torch.zeros_like(out[1, 2]))
     cotangent = torch.randn_like(plain)
     grads_plain = torch.autograd.grad(plain, inputs, cotangent)
-    grads_tiled = torch.autograd.grad(tiled, inputs, cotangent)
-    for name, a, b in zip("qkvb", grads_tiled, grads_plain):
+    grads_out = torch.autograd.grad(out, inputs, cotangent)
+    for name, a, b in zip("qkvb", grads_out, grads_plain):
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("tiles", [(4, 5), (16, 16), (1, 7)])
+@pytest.mark.parametrize("bias_shape", [None, (2, 1, 3, 11, 11), (1, 1, 11), (2, 1, 1, 1, 11)])
+def test_tiled_attention_equals_plain(tiles, bias_shape):
+    _assert_equals_plain(lambda q, k, v, bias, mask, scale: kernels.tiled_attention(
+        q, k, v, bias, mask, scale, q_tile=tiles[0], k_tile=tiles[1]), bias_shape)
 
 
 def test_tiled_attention_gradcheck():
@@ -57,28 +64,12 @@ def test_tiled_attention_gradcheck():
 @pytest.mark.parametrize("bias_shape", [None, (2, 1, 3, 11, 11), (1, 1, 11), (2, 1, 1, 1, 11), (2, 4, 3, 11, 11)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_flash_attention_cpu_equals_plain(chunk_rows, bias_shape, dtype):
-    """The training core on CPU (fused flash forward, recomputing backward) against the plain composition: output
-    and every gradient, with a fully masked MSA row, biases broadcast every way the Evoformer uses, and B cut into
-    chunks that do not divide it."""
+    """The training core on CPU (fused flash forward, recomputing backward) against the plain composition, with
+    biases broadcast every way the Evoformer uses and B cut into chunks that do not divide it."""
     from megatron_protein.kernels.flash_attention_cpu import flash_attention_cpu
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 3, 11, 6, dtype=dtype, requires_grad=True) for _ in range(3))
-    bias = None if bias_shape is None else torch.randn(bias_shape, dtype=dtype, requires_grad=True)
-    mask = torch.rand(2, 4, 1, 1, 11) < 0.3
-    mask[1, 2] = True
-    inputs = [t for t in (q, k, v, bias) if t is not None]
-    scale = 1 / math.sqrt(6)
-    plain = _plain(q, k, v, bias, mask, scale)
-    flash = flash_attention_cpu(q, k, v, bias, mask, scale, chunk_elements=chunk_rows * 3 * 11 * 11)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
-    torch.testing.assert_close(flash, plain, **tol)
-    assert torch.equal(flash[1, 2], torch.zeros_like(flash[1, 2]))
-    cotangent = torch.randn_like(plain)
-    grads_plain = torch.autograd.grad(plain, inputs, cotangent)
-    grads_flash = torch.autograd.grad(flash, inputs, cotangent)
-    for name, a, b in zip("qkvb", grads_flash, grads_plain):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad {name}: {m}")
+    _assert_equals_plain(lambda q, k, v, bias, mask, scale: flash_attention_cpu(
+        q, k, v, bias, mask, scale, chunk_elements=chunk_rows * 3 * 11 * 11), bias_shape, dtype, **tol)
 
 
 def test_flash_attention_cpu_gradcheck_and_no_mask():
