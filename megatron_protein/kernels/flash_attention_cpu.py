@@ -65,11 +65,12 @@ def _pick(t: Optional[torch.Tensor], index: int, start: int, end: int) -> Option
     return t if t.shape[0] == 1 else t[start:end]
 
 
-def _additive(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
-    """The kernel's additive mask for one chunk: the bias, with masked logits at the dtype's minimum."""
+def additive_mask(bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """What the fused CPU kernel takes as ``attn_mask``: the bias, plus the dtype's minimum at masked logits (bool
+    ``mask``, True = masked out; the two broadcast together). None when there is neither."""
     if mask is None:
         return bias
-    masked = torch.zeros(mask.shape, dtype=dtype).masked_fill_(mask, torch.finfo(dtype).min)
+    masked = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, torch.finfo(dtype).min)
     return masked if bias is None else bias + masked
 
 
@@ -87,7 +88,7 @@ class _FlashAttentionCPU(torch.autograd.Function):
         for index in range(n_lead):
             for start in range(0, n_b, rows):
                 end = min(start + rows, n_b)
-                additive = _additive(_pick(bias5, index, start, end), _pick(mask5, index, start, end), q.dtype)
+                additive = additive_mask(_pick(bias5, index, start, end), _pick(mask5, index, start, end), q.dtype)
                 o, l = flash(q5[index, start:end], k5[index, start:end], v5[index, start:end], 0.0, False,
                              attn_mask=additive, scale=scale)
                 out[index, start:end] = o
@@ -103,7 +104,6 @@ class _FlashAttentionCPU(torch.autograd.Function):
             else:
                 fully_masked = None
         ctx.scale, ctx.rows, ctx.lead_shape = scale, rows, lead_shape
-        ctx.has_fully_masked = fully_masked is not None
         ctx.save_for_backward(q, k, v, bias, mask, out, lse, fully_masked)
         return out.view(*lead_shape, n_b, n_h, n_q, v.shape[-1])
 
@@ -132,10 +132,11 @@ class _FlashAttentionCPU(torch.autograd.Function):
                 q_c, k_c, v_c = q5[index, start:end], k5[index, start:end], v5[index, start:end]
                 do_c = do[index, start:end]
                 q_scaled = q_c * scale
-                additive = _additive(_pick(bias5, index, start, end), _pick(mask5, index, start, end), q.dtype)
-                x = -lse[index, start:end].unsqueeze(-1)
-                x = (x + additive if additive is not None else x.expand(nb, n_h, n_q, n_k)).expand(
-                    nb, n_h, n_q, n_k).contiguous()
+                additive = additive_mask(_pick(bias5, index, start, end), _pick(mask5, index, start, end), q.dtype)
+                x = -lse[index, start:end].unsqueeze(-1)  # [nb, H, Q, 1]
+                if additive is not None:
+                    x = x + additive
+                x = x.expand(nb, n_h, n_q, n_k).contiguous()
                 x3 = x.view(nb * n_h, n_q, n_k)
                 x3.baddbmm_(q_scaled.reshape(nb * n_h, n_q, -1), k_c.reshape(nb * n_h, n_k, -1).transpose(1, 2))
                 p = x.exp_()  # the probabilities, recomputed

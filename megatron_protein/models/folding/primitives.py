@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from megatron_protein.kernels import FusionConfig, GatedSelfAttention, dispatch
+from megatron_protein.kernels.flash_attention_cpu import additive_mask
 from megatron_protein.kernels.gated_attention import attention_core
 # The DAP/BP hooks (CONTRACTS.md): the modules of the Evoformer import them from here.
 from megatron_protein.parallel import bp, dap  # noqa: F401
@@ -126,11 +127,9 @@ def _attention_inference(q, k, v, bias, mask, scale):
                                                    for t in (k, v, bias, mask)):
         return attention_core(q, k, v, bias, mask, scale, "reference")
     q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))  # [B, H, Q, c]
-    additive = None if bias is None else bias.reshape(-1, *bias.shape[-3:])  # [1|B, H|1, Q|1, K]
-    if mask is not None:
-        mask4 = mask.reshape(-1, *mask.shape[-3:])
-        masked = torch.zeros(mask4.shape, dtype=q.dtype, device=q.device).masked_fill_(mask4, torch.finfo(q.dtype).min)
-        additive = masked if additive is None else additive + masked
+    bias4 = None if bias is None else bias.reshape(-1, *bias.shape[-3:])  # [1|B, H|1, Q|1, K]
+    mask4 = None if mask is None else mask.reshape(-1, *mask.shape[-3:])
+    additive = additive_mask(bias4, mask4, q.dtype)
     o = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=additive, scale=scale)
     o = o.view(*q.shape[:-1], v.shape[-1])
     if mask is not None:
